@@ -1,0 +1,8 @@
+"""longrope_triton: LongRoPE rotary embeddings fused into FlashAttention-style Triton attention."""
+
+from .config import LongRoPEConfig
+from .rotary import apply_rotary
+from .attention import fused_rope_attention
+
+__all__ = ["LongRoPEConfig", "apply_rotary", "fused_rope_attention"]
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Where an operation runs: Triton on CUDA, Triton's interpreter on CPU, or PyTorch.
+
+Environment flags are read here and only here, lazily, so importing the library has
+no side effects and tests can switch modes per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_interpret() -> bool:
+    """True when TRITON_INTERPRET=1: kernels run on CPU tensors in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_kernel(t: torch.Tensor) -> bool:
+    """Run the Triton kernel for this tensor (else the PyTorch path).
+
+    CUDA tensors of fp16/bf16/fp32 take the compiled kernel. CPU tensors take it only
+    under TRITON_INTERPRET=1, and never for bf16, whose arithmetic the interpreter
+    does not support.
+    """
+    if t.dtype not in KERNEL_DTYPES:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and triton_interpret() and t.dtype != torch.bfloat16
+
+
+@contextlib.contextmanager
+def kernel_errors(name: str):
+    """Turn a Triton compilation failure into one readable RuntimeError (no compile trace)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless it is a Triton compile error
+        if type(exc).__module__.startswith("triton"):
+            first = str(exc).strip().splitlines()
+            msg = first[-1] if first else type(exc).__name__
+            raise RuntimeError(f"longrope_triton: the {name} kernel failed to compile: {msg}") from None
+        raise
