@@ -18,8 +18,8 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.1", "numpy"],
     extras_require={
         "hf": ["transformers>=4.50", "safetensors"],
-        "demo": ["transformers>=4.50", "safetensors", "gguf", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.50", "safetensors", "gguf", "tqdm", "matplotlib"],
+        "demo": ["transformers>=4.50", "safetensors", "gguf", "accelerate", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.50", "safetensors", "gguf", "accelerate", "tqdm", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.50"],
     },
     entry_points={"console_scripts": ["longrope-triton=longrope_triton.cli:main"]},

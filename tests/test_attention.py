@@ -1,0 +1,262 @@
+"""fused_rope_attention vs the float64 reference: forward and backward, both execution paths.
+
+The "kernel" path is the Triton kernel (the interpreter on CPU under TRITON_INTERPRET=1,
+compiled on CUDA); the "torch" path is the PyTorch fallback. Tolerances: fp32 within
+2e-5 of the float64 reference (relative to the output scale); fp16 within 2x the
+error of PyTorch's own fp16 computation of the same thing (flash-attn's rule).
+"""
+
+import math
+
+import pytest
+import torch
+
+from longrope_triton import LongRoPEConfig, apply_rotary, fused_rope_attention
+from longrope_triton._dispatch import triton_interpret
+from longrope_triton.reference import fused_rope_attention_reference, varlen_attention_reference
+
+INTERPRETED = triton_interpret()
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Run a test on the Triton kernel (interpreter) and on the PyTorch path."""
+    if request.param == "kernel" and not INTERPRETED:
+        pytest.skip("the Triton kernel runs on CPU only under TRITON_INTERPRET=1")
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return request.param
+
+
+def make_cfg(head_dim=64, rotary_dim=None, original=64, maximum=4096, start_token=3, interleaved=False, seed=1):
+    """A config whose factors differ per dimension and between regimes (a uniform factor hides index bugs)."""
+    r = rotary_dim or head_dim
+    g = torch.Generator().manual_seed(seed)
+    long_factor = torch.sort(1 + 6 * torch.rand(r // 2, generator=g)).values.tolist()
+    short_factor = (1 + 0.2 * torch.rand(r // 2, generator=g)).tolist()
+    return LongRoPEConfig(head_dim=head_dim, rotary_dim=rotary_dim, base=10000.0,
+                          original_max_position_embeddings=original, max_position_embeddings=maximum,
+                          short_factor=short_factor, long_factor=long_factor, start_token=start_token,
+                          interleaved=interleaved)
+
+
+def make_qkv(b, hq, hk, sq, sk, d, dtype, bshd=False):
+    """Random q, k, v; with bshd, (B, S, H, D) tensors passed as non-contiguous .transpose(1, 2) views."""
+    def one(h, s):
+        if bshd:
+            return torch.randn(b, s, h, d, dtype=dtype).transpose(1, 2).requires_grad_()
+        return torch.randn(b, h, s, d, dtype=dtype).requires_grad_()
+    return one(hq, sq), one(hk, sk), one(hk, sk)
+
+
+def run_with_grads(fn, tensors, grad_out):
+    """Output and gradients of all tensors from one combined backward pass."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def assert_close_to_reference(ours, reference64, eager_same_dtype, dtype, names=("out", "dq", "dk", "dv")):
+    for name, a, ref, pt in zip(names, ours, reference64, eager_same_dtype):
+        err = (a.double() - ref).abs().max().item()
+        scale = ref.abs().max().item() + 1e-12
+        if dtype == torch.float32:
+            bound = 2e-5 * max(1.0, scale)
+        else:
+            bound = 2 * (pt.double() - ref).abs().max().item() + 1e-4
+        rms = ((a.double() - ref).pow(2).mean().sqrt() / ((pt.double() - ref).pow(2).mean().sqrt() + 1e-30)).item()
+        assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (RMS ratio vs eager {rms:.2f})"
+
+
+CASES = [
+    pytest.param(1, 2, 2, 40, 40, 64, None, True, False, {}, id="B1-H2/2-S40-D64-causal"),
+    pytest.param(2, 4, 2, 37, 71, 64, None, True, False, {}, id="B2-H4/2-Sq37-Sk71-D64-causal-chunk"),
+    pytest.param(1, 3, 1, 70, 70, 80, 48, False, True, {}, id="B1-H3/1-S70-D80-r48-interleaved-MQA"),
+    pytest.param(1, 2, 1, 1, 75, 64, None, True, False, {}, id="B1-H2/1-Sq1-Sk75-decode"),
+    pytest.param(1, 9, 3, 131, 131, 64, None, True, False, {}, id="B1-H9/3-S131-D64-GQA"),
+    pytest.param(1, 2, 2, 50, 33, 64, None, True, False, {}, id="B1-H2/2-Sq50-Sk33-empty-rows"),
+    pytest.param(1, 2, 1, 33, 65, 96, None, False, False, {}, id="B1-H2/1-Sq33-Sk65-D96-noncausal"),
+    pytest.param(1, 2, 2, 45, 45, 64, None, True, False, {"maximum": 1 << 21, "near_end": True},
+                 id="B1-H2/2-S45-D64-positions-near-2^21"),
+    pytest.param(1, 2, 2, 40, 40, 64, None, True, False, {"original": 4096}, id="B1-H2/2-S40-D64-short-regime"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hk,sq,sk,d,r,causal,interleaved,extra", CASES)
+def test_forward_backward_matches_reference(path, dtype, b, hq, hk, sq, sk, d, r, causal, interleaved, extra):
+    cfg = make_cfg(d, r, original=extra.get("original", 64), maximum=extra.get("maximum", 4096),
+                   interleaved=interleaved)
+    q, k, v = make_qkv(b, hq, hk, sq, sk, d, dtype, bshd=True)
+    kwargs = {"causal": causal}
+    if extra.get("near_end"):
+        top = cfg.max_position_embeddings
+        kwargs["position_ids"] = torch.arange(top - sq, top)
+        kwargs["kv_position_ids"] = torch.arange(top - sk, top)
+    grad_out = torch.randn(b, hq, sq, d, dtype=dtype)
+    inputs_before = [t.detach().clone() for t in (q, k, v)]
+    ours = run_with_grads(lambda *x: fused_rope_attention(*x, cfg, **kwargs), (q, k, v), grad_out)
+    for before, after in zip(inputs_before, (q, k, v)):
+        assert torch.equal(before, after), "fused_rope_attention modified its input"
+    reference = run_with_grads(lambda *x: fused_rope_attention_reference(*x, cfg, **kwargs),
+                               [t.double() for t in (q, k, v)], grad_out.double())
+    eager = run_with_grads(lambda *x: fused_rope_attention_reference(*x, cfg, dtype=dtype, **kwargs),
+                           (q, k, v), grad_out) if dtype != torch.float32 else reference
+    assert ours[0].dtype == dtype and ours[1].shape == q.shape and ours[2].shape == k.shape
+    assert_close_to_reference(ours, reference, eager, dtype)
+
+
+def test_regime_and_start_token_change_the_result(path):
+    """Sanity that the parity tests can fail: the long regime, n_hat and mscale each change the output."""
+    cfg = make_cfg(original=32, start_token=0)
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 40, 40, 64, torch.float32))
+    base = fused_rope_attention(q, k, v, cfg)
+    assert not torch.allclose(base, fused_rope_attention(q, k, v, cfg, seq_len=32), atol=1e-4)
+    assert not torch.allclose(base, fused_rope_attention(q, k, v, cfg.replace(start_token=16)), atol=1e-4)
+    assert not torch.allclose(base, fused_rope_attention(q, k, v, cfg.replace(attention_factor=1.5)), atol=1e-4)
+    ref = fused_rope_attention_reference(q.double(), k.double(), v.double(), cfg.replace(start_token=16))
+    assert torch.allclose(fused_rope_attention(q, k, v, cfg.replace(start_token=16)).double(), ref, atol=2e-5)
+
+
+def test_seq_len_override_picks_the_regime(path):
+    cfg = make_cfg(original=64)
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 40, 40, 64, torch.float32))
+    for seq_len in (40, 64, 65, 1000):
+        ref = fused_rope_attention_reference(q.double(), k.double(), v.double(), cfg, seq_len=seq_len)
+        out = fused_rope_attention(q, k, v, cfg, seq_len=seq_len)
+        assert (out.double() - ref).abs().max() < 2e-5, f"seq_len={seq_len}"
+
+
+def test_per_row_position_ids(path):
+    cfg = make_cfg(original=64, maximum=1 << 16)
+    q, k, v = (t.detach() for t in make_qkv(2, 4, 2, 33, 33, 64, torch.float32))
+    pos = torch.stack([torch.arange(33), torch.arange(1000, 1033)])
+    out = fused_rope_attention(q, k, v, cfg, position_ids=pos, kv_position_ids=pos)
+    ref = fused_rope_attention_reference(q.double(), k.double(), v.double(), cfg, position_ids=pos,
+                                         kv_position_ids=pos)
+    assert (out.double() - ref).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_varlen_mixed_regimes(path, dtype):
+    """Packed sequences: each one uses its own positions and picks short/long from its own length."""
+    cfg = make_cfg(original=40)
+    cu = torch.tensor([0, 30, 31, 100, 133])  # lengths 30 (short), 1, 69 (long), 33 (short)
+    q, k, v = make_qkv(1, 4, 2, 133, 133, 64, dtype)
+    grad_out = torch.randn(1, 4, 133, 64, dtype=dtype)
+    ours = run_with_grads(lambda *x: fused_rope_attention(*x, cfg, cu_seqlens=cu), (q, k, v), grad_out)
+    reference = run_with_grads(lambda *x: varlen_attention_reference(*x, cfg, cu, cu),
+                               [t.double() for t in (q, k, v)], grad_out.double())
+    eager = run_with_grads(lambda *x: varlen_attention_reference(*x, cfg, cu, cu, dtype=dtype), (q, k, v),
+                           grad_out) if dtype != torch.float32 else reference
+    assert_close_to_reference(ours, reference, eager, dtype)
+    # The same documents attended one by one give the same rows.
+    q0, k0, v0 = (t.detach()[:, :, 31:100] for t in (q, k, v))
+    alone = fused_rope_attention(q0, k0, v0, cfg)
+    assert (alone.double() - ours[0][:, :, 31:100].double()).abs().max() <= 2 * (
+        eager[0][:, :, 31:100].double() - reference[0][:, :, 31:100]).abs().max() + 2e-5
+
+
+def test_cache_paths_match_full_attention(path):
+    """return_rotated_k gives the keys apply_rotary gives; attending to them with k_is_rotated
+    (a KV cache) gives the fused result, for a prefill chunk and for single-token decode."""
+    cfg = make_cfg(original=48)
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 70, 70, 64, torch.float32))
+    full, k_rot = fused_rope_attention(q, k, v, cfg, return_rotated_k=True)
+    _, k_expected = apply_rotary(q, k, cfg)
+    assert (k_rot - k_expected).abs().max() < 1e-5
+    assert (full - fused_rope_attention(q, k, v, cfg)).abs().max() < 1e-5
+    for start in (69, 50):  # decode one token; a chunk of 20 queries
+        chunk = fused_rope_attention(q[:, :, start:], k_rot, v, cfg, k_is_rotated=True, seq_len=70)
+        assert (chunk - full[:, :, start:]).abs().max() < 2e-5, f"query chunk from {start}"
+
+
+def test_compile_fullgraph_forward_backward():
+    """torch.compile(fullgraph=True) traces through the custom op without graph breaks."""
+    cfg = make_cfg(original=32)
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 64, torch.float32)
+    pos = torch.arange(40)
+
+    def model(q, k, v):
+        return (fused_rope_attention(q, k, v, cfg, position_ids=pos, kv_position_ids=pos) * 2).sum(-1)
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ours = run_with_grads(compiled, (q, k, v), torch.ones(1, 2, 40))
+    eager = run_with_grads(model, (q, k, v), torch.ones(1, 2, 40))
+    for a, b in zip(ours, eager):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_bad,match", [
+    (lambda q, k, v, c: (q[..., :32], k, v, c), "head_dim"),
+    (lambda q, k, v, c: (q[:, :3], k, v, c), "multiple"),
+    (lambda q, k, v, c: (q, k.half(), v, c), "dtype"),
+    (lambda q, k, v, c: (q, k, v[:, :, :5], c), "k and v"),
+    (lambda q, k, v, c: (q.int(), k, v, c), "float"),
+    (lambda q, k, v, c: (q, k, v, "cfg"), "LongRoPEConfig"),
+], ids=["head-dim", "gqa-ratio", "dtype-mix", "kv-mismatch", "int-input", "not-a-config"])
+def test_bad_input_raises(make_bad, match):
+    cfg = make_cfg()
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 8, 8, 64, torch.float32))
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_rope_attention(*make_bad(q, k, v, cfg))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"position_ids": torch.tensor([-1] + list(range(7)))}, "non-negative"),
+    ({"position_ids": torch.arange(8) + 4095}, "max_position_embeddings"),
+    ({"position_ids": torch.arange(8.0)}, "integer"),
+    ({"position_ids": torch.arange(9)}, "shape"),
+    ({"cu_seqlens": torch.tensor([0, 5, 3, 8])}, "non-decreasing"),
+    ({"cu_seqlens": torch.tensor([0.0, 8.0])}, "int"),
+    ({"softmax_scale": float("nan")}, "softmax_scale"),
+    ({"seq_len": 2.5}, "seq_len"),
+    ({"k_is_rotated": True, "return_rotated_k": True}, "already rotated"),
+], ids=["negative-position", "past-max", "float-positions", "position-shape", "cu-decreasing", "cu-float",
+        "nan-scale", "float-seq-len", "rotated-twice"])
+def test_bad_arguments_raise(kwargs, match):
+    cfg = make_cfg()
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 8, 8, 64, torch.float32))
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_rope_attention(q, k, v, cfg, **kwargs)
+
+
+def test_device_mismatch_raises():
+    cfg = make_cfg()
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 8, 8, 64, torch.float32))
+    with pytest.raises(ValueError, match="device"):
+        fused_rope_attention(q, k.to("meta"), v, cfg)
+
+
+# ---------------------------------------------------------------------------- GPU (skipped without CUDA)
+def _gpu_case(b, hq, hk, s, d, dtype, causal=True):
+    cfg = make_cfg(d, original=s // 2 if s > 2 else 1, maximum=max(4096, 2 * s))
+    q, k, v = (t.detach().cuda() for t in make_qkv(b, hq, hk, s, s, d, dtype, bshd=True))
+    grad_out = torch.randn(b, hq, s, d, dtype=dtype, device="cuda")
+    ours = run_with_grads(lambda *x: fused_rope_attention(*x, cfg, causal=causal), (q, k, v), grad_out)
+    reference = run_with_grads(lambda *x: fused_rope_attention_reference(*x, cfg, causal=causal, dtype=torch.float32),
+                               [t.float() for t in (q, k, v)], grad_out.float())
+    eager = run_with_grads(lambda *x: fused_rope_attention_reference(*x, cfg, causal=causal, dtype=dtype), (q, k, v),
+                           grad_out)
+    assert_close_to_reference(ours, reference, eager, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_parity(dtype, d):
+    _gpu_case(2, 8, 2, 1031, d, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s", [16384, 65536])
+def test_gpu_long_forward(s):
+    cfg = make_cfg(128, original=4096, maximum=2 * s)
+    q, k, v = (torch.randn(1, h, s, 128, device="cuda", dtype=torch.bfloat16) for h in (4, 1, 1))
+    out = fused_rope_attention(q, k, v, cfg)
+    rows = slice(s - 256, s)  # check the last rows, which see every key, against fp32 math
+    pos = torch.arange(s, device="cuda")
+    ref = fused_rope_attention_reference(q[:, :, rows].float(), k.float(), v.float(), cfg,
+                                         position_ids=pos[rows], kv_position_ids=pos, dtype=torch.float32)
+    assert (out[:, :, rows].float() - ref).abs().max() < 2e-2 * math.sqrt(ref.abs().max().item() + 1)
