@@ -183,7 +183,8 @@ def _configs(pairs):
 
 def _fits_shared_memory(configs, named_args, **kwargs):
     """Drop tiles whose pipelined K/V (or Q/dO) buffers overflow ~160 KB of shared memory (head_dim 256)."""
-    width = 2 * (2 * named_args["BLOCK_HALF"] + named_args["BLOCK_PASS"]) + 2 * named_args["BLOCK_DV"]
+    args = {**named_args, **kwargs}  # the block widths arrive as constexpr keyword arguments
+    width = 2 * (2 * args["BLOCK_HALF"] + args["BLOCK_PASS"]) + 2 * args["BLOCK_DV"]
     kept = [c for c in configs
             if c.num_stages * max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * width <= 160 * 1024]
     return kept or configs[-1:]
