@@ -21,9 +21,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def sequence_bounds(p_cu_q, p_cu_k, i_b, SEQ_Q, SEQ_K, IS_VARLEN: tl.constexpr):
     """(q start row, q length, k start row, k length) of sequence i_b (packed or batched)."""
     if IS_VARLEN:
-        q_start = tl.load(p_cu_q + i_b)
-        k_start = tl.load(p_cu_k + i_b)
-        return q_start, tl.load(p_cu_q + i_b + 1) - q_start, k_start, tl.load(p_cu_k + i_b + 1) - k_start
+        q_start = tl.load(p_cu_q + i_b).to(tl.int32)
+        k_start = tl.load(p_cu_k + i_b).to(tl.int32)
+        q_end = tl.load(p_cu_q + i_b + 1).to(tl.int32)
+        return q_start, q_end - q_start, k_start, tl.load(p_cu_k + i_b + 1).to(tl.int32) - k_start
     return 0, SEQ_Q, 0, SEQ_K
 
 

@@ -177,28 +177,42 @@ def torch_attention_backward(grad_out, q, k, v, cfg: LongRoPEConfig, plan: _Plan
 
 
 # ---------------------------------------------------------------------------- Triton launchers
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for narrow rows (q/k split + v at most
+# 256 two-byte elements: head_dim <= 128) and wide rows (head_dim 256, wide partial rotary,
+# fp32). Each fits the 227 KB of shared memory of an H100 block: sizes measured with
+# scripts/compile_check.py (bf16, sm_90).
+_TILES = {
+    "fwd": {"narrow": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)],
+            "wide": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]},
+    "dkdv": {"narrow": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+             "wide": [(32, 64, 4, 2), (32, 32, 4, 1)]},
+    "dq": {"narrow": [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+           "wide": [(32, 64, 4, 2), (32, 32, 4, 1)]},
+}
 
 
-def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined K/V (or Q/dO) buffers overflow ~160 KB of shared memory (head_dim 256)."""
-    args = {**named_args, **kwargs}  # the block widths arrive as constexpr keyword arguments
-    width = 2 * (2 * args["BLOCK_HALF"] + args["BLOCK_PASS"]) + 2 * args["BLOCK_DV"]
-    kept = [c for c in configs
-            if c.num_stages * max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * width <= 160 * 1024]
-    return kept or configs[-1:]
+def _row_class(args) -> str:
+    """'narrow' or 'wide': the bytes of one q/k row (split) plus one v row."""
+    elements = 2 * args["BLOCK_HALF"] + args["BLOCK_PASS"] + args["BLOCK_DV"]
+    return "narrow" if elements * args["p_q"].element_size() <= 512 else "wide"
+
+
+def _autotuned(kernel, tiles):
+    """The kernel autotuned over its tiles; launch-time pruning keeps those of the row class."""
+    configs = {cls: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in t]
+               for cls, t in tiles.items()}
+
+    def keep_row_class(all_configs, named_args, **kwargs):
+        return configs[_row_class({**named_args, **kwargs})]
+
+    return triton.autotune([c for cs in configs.values() for c in cs], key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": keep_row_class})(kernel)
 
 
 _TUNE_KEY = ["ROTARY_DIM", "BLOCK_PASS", "BLOCK_DV", "CAUSAL", "ROTATE_K", "IS_VARLEN"]
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)])
-_BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)])
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fits_shared_memory})(
-    attention_fwd_kernel)
-_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY,
-                              prune_configs_by={"early_config_prune": _fits_shared_memory})(attention_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY,
-                            prune_configs_by={"early_config_prune": _fits_shared_memory})(attention_bwd_dq_kernel)
+_fwd_tuned = _autotuned(attention_fwd_kernel, _TILES["fwd"])
+_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"])
+_dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"])
 # The interpreter cannot time configs: it runs one fixed tile, small enough to exercise edges.
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
