@@ -1,0 +1,562 @@
+"""Hugging Face transformers integration: attention modules that run ``fused_rope_attention``.
+
+In transformers, an attention module rotates q and k with the cos/sin its model computed,
+writes the rotated k into the cache, then calls an attention function. To fuse the rotation
+into the attention kernel, :func:`patch_model` replaces the ``forward`` of every attention
+module of an existing model instance: raw q/k go into :func:`fused_rope_attention`, and the
+keys stored in the KV cache are the rotated ones (rotated once, O(N d)). The model's own
+rotary embedding still runs (it is cheap) but its cos/sin are ignored.
+
+Which families are supported, and where each reads its RoPE config, is one table
+(``_FAMILIES``); any other model whose attention follows the Llama pattern is detected from
+its attention module (q/k/v/o projections, ``head_dim``, ``scaling``, ``layer_idx``, and a
+``forward``, ``rotate_half`` and ``apply_rotary_pos_emb`` with no statement the table's
+families lack). Anything else raises a ValueError rather than being patched approximately.
+
+Paths inside a patched attention forward (all exact up to float rounding):
+
+- fused: no padding mask (2-D mask absent or all ones), no sliding window in reach, no
+  attention dropout, ``output_attentions`` off. Packed sequences (batch 1, position_ids that
+  restart inside the row, no cache and no mask -- the transformers packing convention) use
+  the varlen kernel, each document with its own short/long regime (LongRoPE2 mixed window).
+- fallback: anything else (a padded batch, a custom 4-D mask, a sliding window in reach,
+  dropout, output_attentions): the same rotation by :func:`apply_rotary`, then the model's
+  own attention function with its mask.
+
+Cache policy (DESIGN.md §4): the regime is picked by the Hugging Face rule (long iff
+max(position_ids) + 1 > original_max_position_embeddings). When a generation crosses that
+length, the cached keys and values are stale in every layer, so the patched
+``prepare_inputs_for_generation`` drops the cache and runs one prefill of the whole
+sequence under the long factors (Phi-3's policy, model-agnostic), then continues with the
+cache. ``patch_model(model, regime="long")`` instead uses the long factors from the first
+token: no re-prefill, but a different model in the short range.
+
+transformers is imported lazily (inside functions): importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import sys
+import textwrap
+import types
+import warnings
+from typing import Optional
+
+import torch
+
+from .attention import fused_rope_attention
+from .config import LongRoPEConfig, _hf_rope_dict
+from .rotary import apply_rotary
+
+__all__ = ["patch_model", "set_rope", "unpatch_model", "is_patched", "supported_families"]
+
+_STATE_ATTR = "_longrope_patch"
+# kwarg the patched base model passes down to every patched attention module (through the
+# decoder layers' **kwargs, so gradient-checkpoint recomputation sees the same decisions)
+_CALL_KWARG = "longrope_call"
+_REGIMES = ("auto", "long")
+
+
+# ---------------------------------------------------------------------------- supported families
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """How one model family's attention module is laid out and where it reads its RoPE config.
+
+    attention: attention class name. projection: "separate" (q_proj, k_proj, v_proj) or
+    "fused" (one qkv_proj, Phi-3). original_max_top_level: the model reads
+    original_max_position_embeddings from the top level of its config (Phi-3), not from
+    inside rope_parameters. sliding_window: where the module reads its window ("module":
+    ``self.sliding_window``, "config": ``config.sliding_window``, "auto": the module's if it
+    has one, else the config's (conservative: a window only sends a forward to the fallback),
+    None: no window).
+    own_switch: the model class overrides prepare_inputs_for_generation only to drop the cache
+    at the short/long switch (Phi-3); the patch replaces that with its own policy and calls
+    the generic GenerationMixin method (so a static cache stays static).
+    """
+
+    attention: str
+    projection: str = "separate"
+    original_max_top_level: bool = False
+    sliding_window: Optional[str] = None
+    own_switch: bool = False
+
+
+_FAMILIES = {
+    "llama": _Family("LlamaAttention"),
+    "mistral": _Family("MistralAttention", sliding_window="config"),
+    "qwen2": _Family("Qwen2Attention", sliding_window="module"),
+    "phi3": _Family("Phi3Attention", projection="fused", original_max_top_level=True, sliding_window="config",
+                    own_switch=True),
+}
+# Any other model_type is patched when its attention module has these attributes and its
+# forward, rotate_half and apply_rotary_pos_emb do nothing the table's families do not do
+# (compared statement by statement with the installed Llama/Mistral/Qwen2/Phi-3 code).
+_LLAMA_PATTERN = _Family("<llama pattern>", sliding_window="auto")
+_PATTERN_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx",
+                  "num_key_value_groups", "config")
+
+
+def supported_families() -> dict:
+    """model_type -> attention class name for the families in the table (others: Llama-pattern detection)."""
+    return {name: fam.attention for name, fam in _FAMILIES.items()}
+
+
+def _statements(fn) -> Optional[frozenset]:
+    """The top-level statements of a function's body (docstring dropped), normalized by ast.unparse."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    if not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
+        return None
+    body = tree.body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return frozenset(ast.unparse(stmt) for stmt in body)
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern_templates():
+    """Statements of the supported families' attention code: (forward, rotate_half, apply_rotary_pos_emb)."""
+    import importlib
+
+    mods = {t: importlib.import_module(f"transformers.models.{t}.modeling_{t}") for t in _FAMILIES}
+    forward = frozenset().union(*(_statements(getattr(mods[t], f.attention).forward) or ()
+                                  for t, f in _FAMILIES.items() if f.projection == "separate"))
+    rotate = _statements(mods["llama"].rotate_half) or frozenset()
+    apply = (_statements(mods["llama"].apply_rotary_pos_emb) or frozenset()) | (
+        _statements(mods["phi3"].apply_rotary_pos_emb) or frozenset())
+    return forward, rotate, apply
+
+
+def _is_llama_pattern(module: torch.nn.Module) -> bool:
+    if not all(hasattr(module, a) for a in _PATTERN_ATTRS):
+        return False
+    if not all(isinstance(getattr(module, p), torch.nn.Linear) for p in ("q_proj", "k_proj", "v_proj")):
+        return False
+    forward, rotate, apply = _pattern_templates()
+    code = sys.modules.get(type(module).__module__)
+    mine = (_statements(type(module).forward), _statements(getattr(code, "rotate_half", None)),
+            _statements(getattr(code, "apply_rotary_pos_emb", None)))
+    return all(m is not None and m <= t for m, t in zip(mine, (forward, rotate, apply)))
+
+
+def _attention_modules(model: torch.nn.Module, family: Optional[_Family]):
+    """[(name, module)] of the attention modules to patch."""
+    if family is not None and family is not _LLAMA_PATTERN:
+        return [(n, m) for n, m in model.named_modules() if type(m).__name__ == family.attention]
+    return [(n, m) for n, m in model.named_modules()
+            if type(m).__name__.endswith("Attention") and _is_llama_pattern(m)]
+
+
+def _resolve_family(model: torch.nn.Module):
+    """(family, [(name, attention module)]) or a ValueError naming why the model cannot be patched."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"patch_model needs a transformers PreTrainedModel, got {type(model).__name__}")
+    model_type = getattr(config, "model_type", None)
+    family = _FAMILIES.get(model_type)
+    modules = _attention_modules(model, family or _LLAMA_PATTERN)
+    if family is None and modules:
+        family = _LLAMA_PATTERN
+    if not modules:
+        if not _has_rope(config):
+            raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no rotary position "
+                             f"embedding to fuse: patch_model needs a RoPE model")
+        raise ValueError(
+            f"cannot patch {type(model).__name__} (model_type {model_type!r}): no attention module follows the "
+            f"Llama pattern (q_proj/k_proj/v_proj/o_proj, head_dim, scaling, layer_idx, and attention/rotary code "
+            f"with no step beyond Llama/Mistral/Qwen2/Phi-3's). Supported families: {', '.join(sorted(_FAMILIES))}")
+    if not _has_rope(config):
+        raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no rotary position embedding")
+    return family, modules
+
+
+def _has_rope(config) -> bool:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return bool(params) or getattr(config, "rope_theta", None) is not None
+
+
+# ---------------------------------------------------------------------------- config checks
+def _model_rope(config) -> LongRoPEConfig:
+    try:
+        return LongRoPEConfig.from_hf(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot read the RoPE config of this model ({type(config).__name__}): {exc}") from exc
+
+
+def _check_cfg(cfg, config, modules) -> LongRoPEConfig:
+    """cfg fits the model: same head_dim and rotary dims, half-split pairs."""
+    if not isinstance(cfg, LongRoPEConfig):
+        raise TypeError(f"config must be a LongRoPEConfig or None, got {type(cfg).__name__}")
+    head_dim = int(modules[0][1].head_dim)
+    model_rotary = _model_rope(config).rotary_dim
+    if cfg.head_dim != head_dim:
+        raise ValueError(f"LongRoPEConfig.head_dim is {cfg.head_dim} but the model's attention head_dim is {head_dim}")
+    if cfg.rotary_dim != model_rotary:
+        raise ValueError(
+            f"LongRoPEConfig factor lists have length {cfg.rotary_dim // 2} (rotary_dim {cfg.rotary_dim}), but this "
+            f"model rotates {model_rotary} of its head_dim {head_dim} dims and needs {model_rotary // 2} factors")
+    if cfg.interleaved:
+        raise ValueError("interleaved=True (GPT-J pairs) does not match this model: its rotate_half pairs (i, i + r/2)")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- per-forward decisions
+class _Call:
+    """What the patched attention modules of one model forward share: the kind of 2-D mask the
+    model received ("none", "ones", "padded", "custom"), whether attention weights were asked
+    for, and lazily, per position_ids tensor, the regime length and the packed-sequence
+    boundaries (host syncs once per forward, not once per layer)."""
+
+    __slots__ = ("mask", "weights", "_pos", "_seq_len", "_packed", "_cu")
+
+    def __init__(self, mask: str, weights: bool = False):
+        self.mask, self.weights = mask, weights
+        self._pos = self._seq_len = self._packed = self._cu = None
+
+    @classmethod
+    def from_mask(cls, attention_mask, weights: bool = False) -> "_Call":
+        if attention_mask is None:
+            return cls("none", weights)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            return cls("ones" if bool(attention_mask.bool().all()) else "padded", weights)
+        return cls("custom", weights)
+
+    def _sync(self, pos: torch.Tensor):
+        if self._pos is not pos:
+            self._pos, self._seq_len, self._packed, self._cu = pos, int(pos.max()) + 1, None, None
+
+    def seq_len(self, pos: torch.Tensor) -> int:
+        """max(position_ids) + 1: the length the Hugging Face rule picks the regime from."""
+        self._sync(pos)
+        return self._seq_len
+
+    def packed(self, pos: torch.Tensor) -> bool:
+        """True when positions restart (or jump) inside a row: the transformers packing convention."""
+        self._sync(pos)
+        if self._packed is None:
+            pos2 = pos if pos.dim() == 2 else pos[None]
+            self._packed = bool((pos2[:, 1:] - pos2[:, :-1] != 1).any())
+        return self._packed
+
+    def cu_seqlens(self, pos: torch.Tensor) -> torch.Tensor:
+        """int32 document starts of a packed single row (position_ids (1, S) or (S,))."""
+        self._sync(pos)
+        if self._cu is None:
+            row = pos.reshape(-1)
+            starts = torch.nonzero(row[1:] - row[:-1] != 1).flatten() + 1
+            self._cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), row.numel())]).to(torch.int32)
+        return self._cu
+
+
+# ---------------------------------------------------------------------------- patched attention
+def _project(module, family: _Family, hidden_states: torch.Tensor):
+    """q (B, Hq, S, D), k and v (B, Hkv, S, D) as the original module projects them: views, no copies."""
+    shape = (*hidden_states.shape[:-1], -1, module.head_dim)
+    if family.projection == "fused":
+        qkv = module.qkv_proj(hidden_states)
+        q_size = module.config.num_attention_heads * module.head_dim
+        kv_size = module.config.num_key_value_heads * module.head_dim
+        q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+    else:
+        q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
+    return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+
+def _sliding_window(module, family: _Family) -> Optional[int]:
+    if family.sliding_window == "module":
+        return getattr(module, "sliding_window", None)
+    if family.sliding_window == "config":
+        return getattr(module.config, "sliding_window", None)
+    if family.sliding_window == "auto":
+        return getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
+    return None
+
+
+def _attention_interface(module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+
+
+def _note_cache_regime(cache, long: bool, past: int) -> None:
+    """Remember the regime the cached keys were rotated with; warn when a forward mixes regimes."""
+    previous = getattr(cache, "_longrope_long", None)
+    if past > 0 and previous is not None and previous != long:
+        warnings.warn(
+            "longrope_triton: this forward uses the "
+            f"{'long' if long else 'short'} factors but the KV cache was filled under the "
+            f"{'long' if previous else 'short'} ones: its keys and values are stale. generate() on a patched "
+            "model re-prefills at the switch; a hand-written decoding loop must do the same "
+            "(or use patch_model(..., regime='long')).", RuntimeWarning, stacklevel=3)
+    try:
+        cache._longrope_long = long
+    except AttributeError:  # a cache class with __slots__: no bookkeeping, no warning
+        pass
+
+
+def _patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                     past_key_values=None, **kwargs):
+    """Attention forward of a patched module: raw q/k into the fused kernel (see the module docstring)."""
+    state: _PatchState = self._longrope_state
+    cfg, family = state.cfg, state.family
+    cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
+    kwargs.pop("cache", None)
+    call = kwargs.pop(_CALL_KWARG, None) or _Call.from_mask(attention_mask)
+    batch, seq = hidden_states.shape[:2]
+    q, k, v = _project(self, family, hidden_states)
+
+    past = int(cache.get_seq_length(self.layer_idx)) if cache is not None else 0
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        pos, seq_len = torch.arange(past, past + seq, device=hidden_states.device)[None], past + seq
+    else:
+        pos, seq_len = position_ids, call.seq_len(position_ids)
+    if state.regime == "long":
+        seq_len = max(seq_len, cfg.original_max_position_embeddings + 1)
+    window = _sliding_window(self, family)
+    dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
+    fused = (call.mask in ("none", "ones") and not call.weights and not kwargs.get("output_attentions", False)
+             and not dropout and (window is None or past + seq <= window))
+    cu = None
+    if fused and cache is None and call.mask == "none" and position_ids is not None and call.packed(position_ids):
+        if batch == 1:
+            cu = call.cu_seqlens(position_ids)
+        else:
+            fused = False  # packed rows in a batch > 1: the model's block-diagonal mask
+
+    if fused:
+        if cache is None:
+            out = fused_rope_attention(
+                q, k, v, cfg, position_ids=pos, kv_position_ids=pos, causal=True, softmax_scale=self.scaling,
+                seq_len=None if (cu is not None and state.regime == "auto") else seq_len, cu_seqlens=cu)
+        else:
+            _, k_rot = apply_rotary(q[:, :0], k, cfg, position_ids=pos, seq_len=seq_len)
+            _note_cache_regime(cache, cfg.use_long(seq_len), past)
+            keys, values = cache.update(k_rot, v, self.layer_idx)
+            total = past + seq
+            if keys.shape[2] > total:  # a static cache returns its whole buffer
+                keys, values = keys[:, :, :total], values[:, :, :total]
+            out = fused_rope_attention(q, keys, values, cfg, position_ids=pos, causal=True,
+                                       softmax_scale=self.scaling, seq_len=seq_len, k_is_rotated=True)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        return self.o_proj(out), None
+
+    q_rot, k_rot = apply_rotary(q, k, cfg, position_ids=pos, seq_len=seq_len)
+    if cache is not None:
+        _note_cache_regime(cache, cfg.use_long(seq_len), past)
+        k_rot, v = cache.update(k_rot, v, self.layer_idx)
+    out, weights = _attention_interface(self)(
+        self, q_rot, k_rot, v, attention_mask, dropout=dropout, scaling=self.scaling,
+        sliding_window=window, **kwargs)
+    out = out.reshape(batch, seq, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+# ---------------------------------------------------------------------------- generation: the switch
+def _step_end(input_ids, kwargs) -> int:
+    """max(position) + 1 of the sequence generate() is about to extend (the HF regime rule)."""
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        return int(position_ids.max()) + 1
+    source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    return int(source.shape[1])
+
+
+def _patched_prepare_inputs(state: "_PatchState", original):
+    """prepare_inputs_for_generation with the §4 cache policy and all-ones masks dropped."""
+
+    @functools.wraps(original)
+    def prepare(input_ids, *args, **kwargs):
+        cache_key = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(cache_key)
+        if state.regime == "auto" and cache is not None and not isinstance(cache, (tuple, list)):
+            past = int(cache.get_seq_length())
+            if past > 0 and _step_end(input_ids, kwargs) > state.cfg.original_max_position_embeddings:
+                filled_long = getattr(cache, "_longrope_long", None)
+                if filled_long is False or (filled_long is None and past <= state.cfg.original_max_position_embeddings):
+                    kwargs[cache_key] = _emptied(cache)
+                    kwargs["next_sequence_length"] = None  # feed the whole sequence once
+        mask = kwargs.get("attention_mask")
+        unpadded = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.bool().all()))
+        inputs = original(input_ids, *args, **kwargs)
+        if unpadded:
+            # No padding: drop the mask (a compileable cache gets a prepared 4-D one here), so the
+            # model sees none and the fused path stays on; the model still masks a static cache.
+            inputs.pop("attention_mask", None)
+        return inputs
+
+    return prepare
+
+
+def _emptied(cache):
+    """The cache to re-prefill into: a static cache reset in place, else None (the model makes a new one)."""
+    layers = getattr(cache, "layers", None) or []
+    if layers and all(getattr(layer, "is_compileable", False) for layer in layers):
+        cache.reset()
+        cache._longrope_long = None
+        return cache
+    return None
+
+
+# ---------------------------------------------------------------------------- patch state
+@dataclasses.dataclass
+class _PatchState:
+    cfg: LongRoPEConfig
+    family: _Family
+    regime: str
+    modules: list  # [(module, attribute name patched, previous instance value or None)]
+    hooks: list
+    prepare: Optional[tuple]  # (previous instance value or None,) when prepare_inputs_for_generation was wrapped
+
+
+_MISSING = object()
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that receives the 2-D attention mask and calls the decoder layers."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
+def _pre_hook(module, args, kwargs):
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    kwargs[_CALL_KWARG] = _Call.from_mask(mask, weights=bool(kwargs.get("output_attentions")))
+    return args, kwargs
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """True when patch_model has been applied to this model (and not undone)."""
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str = "auto"):
+    """Make every attention module of ``model`` run :func:`fused_rope_attention` on raw q/k (in place).
+
+    Args:
+        model: a transformers model of a supported family (Llama, Mistral, Qwen2, Phi-3) or any
+            model whose attention follows the Llama pattern; a ``*ForCausalLM`` or its base model.
+        config: the LongRoPEConfig to run; None -> ``LongRoPEConfig.from_hf(model.config)``, the
+            numbers the stock model uses. The model config is not changed (see :func:`set_rope`).
+        regime: "auto" (default): short/long by the Hugging Face rule (max(position_ids) + 1 >
+            original_max_position_embeddings), and generate() re-prefills once when it crosses
+            the switch. "long": the long factors from the first token (no switch; a different
+            model below the original context length).
+
+    Returns:
+        The same model, patched. Undo with :func:`unpatch_model`.
+
+    Raises:
+        ValueError: the model is already patched, has no RoPE, cannot be patched, or the config
+            does not fit it (head_dim, factor length, interleaved pairs). TypeError: a config that
+            is not a LongRoPEConfig.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+        >>> model = patch_model(model)
+        >>> logits = model(torch.randint(0, 100, (1, 16))).logits
+    """
+    if is_patched(model):
+        raise ValueError("this model is already patched by longrope_triton; call unpatch_model(model) first, "
+                         "or set_rope(model, cfg) to change its factors")
+    if regime not in _REGIMES:
+        raise ValueError(f"regime must be one of {_REGIMES}, got {regime!r}")
+    family, modules = _resolve_family(model)
+    cfg = _check_cfg(_model_rope(model.config) if config is None else config, model.config, modules)
+    state = _PatchState(cfg=cfg, family=family, regime=regime, modules=[], hooks=[], prepare=None)
+    for _, module in modules:
+        # accelerate's hooks keep the real forward in _old_forward and call it from forward
+        attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+        state.modules.append((module, attr, module.__dict__.get(attr, _MISSING)))
+        module._longrope_state = state
+        setattr(module, attr, types.MethodType(_patched_forward, module))
+    base = _base_model(model)
+    state.hooks.append(base.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+    if callable(getattr(model, "prepare_inputs_for_generation", None)):
+        state.prepare = (model.__dict__.get("prepare_inputs_for_generation", _MISSING),)
+        original = model.prepare_inputs_for_generation
+        if family.own_switch:
+            from transformers import GenerationMixin
+
+            original = types.MethodType(GenerationMixin.prepare_inputs_for_generation, model)
+        model.prepare_inputs_for_generation = _patched_prepare_inputs(state, original)
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def unpatch_model(model):
+    """Undo :func:`patch_model`: the original attention forwards, no hooks. Returns the model.
+
+    The model config keeps whatever :func:`set_rope` wrote into it. Raises ValueError when the
+    model is not patched.
+    """
+    state: Optional[_PatchState] = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not patched by longrope_triton")
+    for module, attr, previous in state.modules:
+        if previous is _MISSING:
+            module.__dict__.pop(attr, None)
+        else:
+            setattr(module, attr, previous)
+        module.__dict__.pop("_longrope_state", None)
+    for hook in state.hooks:
+        hook.remove()
+    if state.prepare is not None:
+        if state.prepare[0] is _MISSING:
+            model.__dict__.pop("prepare_inputs_for_generation", None)
+        else:
+            model.prepare_inputs_for_generation = state.prepare[0]
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+# ---------------------------------------------------------------------------- set_rope
+def set_rope(model, cfg: LongRoPEConfig):
+    """Write ``cfg`` into ``model.config`` so that stock transformers runs the same numbers.
+
+    Sets ``rope_parameters`` (rope_type 'longrope', factors, attention_factor,
+    original_max_position_embeddings inside it, as Llama/Mistral/Qwen2 read it), the top-level
+    ``original_max_position_embeddings`` where the family reads it there (Phi-3), and
+    ``max_position_embeddings``; rebuilds the model's rotary embedding modules from the new
+    config (so the unpatched model runs it too), and updates a patched model's factors.
+    ``model.save_pretrained`` then writes a config that stock transformers loads and runs with
+    the same numbers (n_hat > 0 excepted: stored as 'longrope_start_token', read only here).
+
+    Returns the model. Raises ValueError/TypeError when cfg does not fit the model.
+    """
+    family, modules = _resolve_family(model)
+    config = model.config
+    cfg = _check_cfg(cfg, config, modules)
+    params = cfg.to_hf()
+    old = _hf_rope_dict(config)
+    if "partial_rotary_factor" in old:  # Phi-3 indexes it unconditionally
+        params.setdefault("partial_rotary_factor", old["partial_rotary_factor"])
+    config.rope_parameters = params
+    config.max_position_embeddings = cfg.max_position_embeddings
+    if family.original_max_top_level or hasattr(config, "original_max_position_embeddings"):
+        config.original_max_position_embeddings = cfg.original_max_position_embeddings
+    _rebuild_rotary_embeddings(model)
+    state: Optional[_PatchState] = getattr(model, _STATE_ATTR, None)
+    if state is not None:
+        state.cfg = cfg
+    return model
+
+
+def _rebuild_rotary_embeddings(model) -> None:
+    """Re-create every *RotaryEmbedding module from the (new) config, on its device."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding") and getattr(child, "config", None) is not None:
+                buffer = getattr(child, "inv_freq", None)
+                fresh = type(child)(config=child.config)
+                if isinstance(buffer, torch.Tensor):
+                    fresh = fresh.to(buffer.device)
+                setattr(parent, name, fresh)
