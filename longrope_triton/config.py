@@ -24,6 +24,9 @@ from typing import Any, Optional, Sequence
 # Hugging Face rope types whose factors do not depend on the sequence length and
 # therefore apply in both regimes (short_factor == long_factor).
 _HF_STATIC_TYPES = ("default", "linear", "yarn", "llama3")
+# Model types whose default (unscaled) rotary embedding rotates the full head_dim even
+# when the config carries a partial_rotary_factor (their compute_default_rope_parameters).
+_FULL_DIM_DEFAULT_MODELS = ("llama", "mistral", "qwen2")
 
 
 def _as_factor_list(name: str, values, length: int) -> list[float]:
@@ -78,9 +81,11 @@ def yarn_mscale(scale: float) -> float:
 def critical_dimension(rotary_dim: int, base: float, original_max_position_embeddings: int) -> int:
     """LongRoPE2 critical dimension d_cd = ceil(r/2 * log_base(L_orig / 2 pi)) - 1.
 
-    Frequency index i >= d_cd has a period longer than the pre-training length, so
-    those dimensions never saw a full rotation during training and need searched
-    (larger) factors; dimensions below it are interpolated NTK-style.
+    The period 2 pi base^(2i/r) of frequency i reaches the pre-training length at
+    i* = r/2 log_base(L_orig / 2 pi): dimensions from ceil(i*) on never completed a
+    rotation during training and need searched (larger) factors. As in the paper, the
+    searched region starts one dimension earlier, at d_cd = ceil(i*) - 1; dimensions
+    below it are interpolated NTK-style.
     """
     half = rotary_dim // 2
     d = math.ceil(half * math.log(original_max_position_embeddings / (2 * math.pi)) / math.log(base)) - 1
@@ -281,6 +286,8 @@ class LongRoPEConfig:
         n_heads = getattr(hf_config, "num_attention_heads")
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
         prf = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None)) or 1.0
+        if rope_type == "default" and getattr(hf_config, "model_type", None) in _FULL_DIM_DEFAULT_MODELS:
+            prf = 1.0  # these families' default rotary ignores partial_rotary_factor
         rotary_dim = int(head_dim * prf)
         base = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
         max_pos = int(hf_config.max_position_embeddings)
@@ -324,6 +331,8 @@ class LongRoPEConfig:
         """A ``rope_parameters`` dict (rope_type 'longrope') that stock transformers runs with the
         same numbers. n_hat > 0 has no Hugging Face equivalent: it is written as
         'longrope_start_token', which only this library reads."""
+        if self.interleaved:
+            raise ValueError("interleaved pairs have no Hugging Face equivalent (HF rotates (i, i + r/2))")
         out: dict[str, Any] = {
             "rope_type": "longrope",
             "rope_theta": self.base,
@@ -350,7 +359,7 @@ class LongRoPEConfig:
     def from_json(cls, path_or_text) -> "LongRoPEConfig":
         """From a file path or from the JSON text itself."""
         text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
+        if not text.lstrip().startswith(("{", "[")):
             if not os.path.exists(text):
                 raise FileNotFoundError(f"LongRoPEConfig JSON: no such file {text!r}")
             with open(text, encoding="utf-8") as f:
