@@ -11,8 +11,9 @@ deterministic. Naming legend in kernels/rotary.py.
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, load_rope_tile, score_mask, sequence_bounds, split_scores
-from .rotary import load_block, rotate_pair, store_block, store_pairs
+from .attention_fwd import (LOG2E, key_tile_range, load_rope_tile, score_mask, sequence_bounds,
+                            split_scores)
+from .rotary import head_dim_offsets, load_block, rotate_pair, store_block, store_pairs
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -100,12 +101,7 @@ def attention_bwd_dkdv_kernel(
 
     o_n = start_n + tl.arange(0, BLOCK_N)
     m_n = o_n < len_k
-    o_f = tl.arange(0, BLOCK_HALF)
-    m_f = o_f < HALF
-    o_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS if HAS_PASS else BLOCK_HALF)
-    m_p = o_p < HEAD_DIM
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_dv = o_dv < HEAD_DIM
+    o_f, m_f, o_p, m_p, o_dv, m_dv = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_DV)
 
     p_kpos += i_bt * stride_kpb + k_start * stride_kps
     p_qpos += i_bt * stride_qpb + q_start * stride_qps
@@ -221,12 +217,7 @@ def attention_bwd_dq_kernel(
 
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < len_q
-    o_f = tl.arange(0, BLOCK_HALF)
-    m_f = o_f < HALF
-    o_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS if HAS_PASS else BLOCK_HALF)
-    m_p = o_p < HEAD_DIM
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_dv = o_dv < HEAD_DIM
+    o_f, m_f, o_p, m_p, o_dv, m_dv = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_DV)
 
     p_qpos += i_bt * stride_qpb + q_start * stride_qps
     p_kpos += i_bt * stride_kpb + k_start * stride_kps
@@ -247,13 +238,7 @@ def attention_bwd_dq_kernel(
     b_dqp = tl.zeros([BLOCK_M, BLOCK_PASS if HAS_PASS else BLOCK_HALF], dtype=tl.float32)
     p_kh = p_k + i_bt * stride_kb + i_hk * stride_kh + k_start * stride_ks
     p_vh = p_v + i_bt * stride_vb + i_hk * stride_vh + k_start * stride_vs
-    if CAUSAL:
-        diag = start_m + len_k - len_q
-        n_full = tl.minimum(tl.maximum(diag + 1, 0), len_k) // BLOCK_N * BLOCK_N
-        n_end = tl.minimum(tl.maximum(diag + BLOCK_M, 0), len_k)
-    else:
-        n_full = 0
-        n_end = len_k
+    n_full, n_end = key_tile_range(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
     b_dq1, b_dq2, b_dqp = _dq_inner(b_dq1, b_dq2, b_dqp, b_q1, b_q2, b_qp, b_do, b_lse, b_delta, p_kh, p_vh, p_kpos,
                                     p_tab, tab_rows, start_token, regime_set, qk_scale, o_m, len_q, len_k, 0, n_full,
                                     stride_ks, stride_kd, stride_vs, stride_vd, stride_kps, o_f, m_f, o_p, m_p, o_dv,

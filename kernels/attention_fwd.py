@@ -12,7 +12,7 @@ kernels/rotary.py.
 import triton
 import triton.language as tl
 
-from .rotary import load_block, load_pairs, positions_cos_sin, rotate_pair
+from .rotary import head_dim_offsets, load_block, load_pairs, positions_cos_sin, rotate_pair
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -26,6 +26,17 @@ def sequence_bounds(p_cu_q, p_cu_k, i_b, SEQ_Q, SEQ_K, IS_VARLEN: tl.constexpr):
         q_end = tl.load(p_cu_q + i_b + 1).to(tl.int32)
         return q_start, q_end - q_start, k_start, tl.load(p_cu_k + i_b + 1).to(tl.int32) - k_start
     return 0, SEQ_Q, 0, SEQ_K
+
+
+@triton.jit
+def key_tile_range(start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(n_full, n_end) for a Q tile: keys [0, n_full) are seen in full by every row of the tile
+    (no causal mask needed), [n_full, n_end) is the diagonal band; bottom-right aligned."""
+    if CAUSAL:
+        diag = start_m + len_k - len_q
+        return (tl.minimum(tl.maximum(diag + 1, 0), len_k) // BLOCK_N * BLOCK_N,
+                tl.minimum(tl.maximum(diag + BLOCK_M, 0), len_k))
+    return 0, len_k
 
 
 @triton.jit
@@ -127,12 +138,7 @@ def attention_fwd_kernel(
 
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < len_q
-    o_f = tl.arange(0, BLOCK_HALF)
-    m_f = o_f < HALF
-    o_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS if HAS_PASS else BLOCK_HALF)
-    m_p = o_p < HEAD_DIM
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_dv = o_dv < HEAD_DIM
+    o_f, m_f, o_p, m_p, o_dv, m_dv = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_DV)
 
     p_q += i_bt * stride_qb + i_h * stride_qh + q_start * stride_qs
     p_k += i_bt * stride_kb + i_hk * stride_kh + k_start * stride_ks
@@ -151,14 +157,7 @@ def attention_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if CAUSAL:
-        # Key tiles every row of this Q tile sees in full need no causal mask.
-        diag = start_m + len_k - len_q
-        n_full = tl.minimum(tl.maximum(diag + 1, 0), len_k) // BLOCK_N * BLOCK_N
-        n_end = tl.minimum(tl.maximum(diag + BLOCK_M, 0), len_k)
-    else:
-        n_full = 0
-        n_end = len_k
+    n_full, n_end = key_tile_range(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
     b_acc, b_l, b_m = _fwd_inner(b_acc, b_l, b_m, b_q1, b_q2, b_qp, p_k, p_v, p_kpos, p_tab, tab_rows, start_token,
                                  regime_set, o_m, len_q, len_k, 0, n_full, stride_ks, stride_kd, stride_vs,
                                  stride_vd, stride_kps, o_f, m_f, o_p, m_p, o_dv, m_dv, HALF, HAS_PASS,

@@ -103,6 +103,16 @@ def positions_cos_sin(p_pos, o_s, m_s, stride_ps, p_tab, tab_rows, start_token, 
 
 
 @triton.jit
+def head_dim_offsets(HEAD_DIM, ROTARY_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
+    """Offsets and masks along head_dim: rotated-pair frequencies, pass-through dims, whole rows (v, out)."""
+    o_f = tl.arange(0, BLOCK_HALF)
+    o_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS if BLOCK_PASS > 0 else BLOCK_HALF)
+    o_dv = tl.arange(0, BLOCK_DV)
+    return o_f, o_f < ROTARY_DIM // 2, o_p, o_p < HEAD_DIM, o_dv, o_dv < HEAD_DIM
+
+
+@triton.jit
 def _rotate_heads(p_x, p_y, N_HEADS, b_cos, b_sin, o_s, m_s, o_f, m_f, o_p, m_p,
                   stride_xh, stride_xs, stride_xd, stride_yh, stride_ys, stride_yd,
                   HALF: tl.constexpr, HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -142,14 +152,7 @@ def rotary_kernel(
     HAS_PASS: tl.constexpr = BLOCK_PASS > 0
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
     m_s = o_s < SEQ
-    o_f = tl.arange(0, BLOCK_HALF)
-    m_f = o_f < HALF
-    if HAS_PASS:
-        o_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS)
-        m_p = o_p < HEAD_DIM
-    else:
-        o_p = o_f
-        m_p = m_f
+    o_f, m_f, o_p, m_p, _, _ = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_HALF)
     b_cos, b_sin = positions_cos_sin(p_pos + i_b * stride_pb, o_s, m_s, stride_ps, p_tab, tab_rows, start_token,
                                      regime_set, o_f, m_f, HALF)
     _rotate_heads(p_q + i_b * stride_qb, p_q_out + i_b * stride_qob, N_HQ, b_cos, b_sin, o_s, m_s, o_f, m_f,
