@@ -52,11 +52,13 @@ def tables_fp32(cfg, pos):
 
 def kernel(cfg, pos):
     """cos/sin read back from rotating the unit vector e_i (pair (i, i + 64)) at every position."""
+    pos = pos.to("cuda" if torch.cuda.is_available() else "cpu")
     q = torch.zeros(1, 64, len(pos), 128, device=pos.device)
     q[0, torch.arange(64), :, torch.arange(64)] = 1.0
     if not use_kernel(q):
         return None
     q_rot, _ = apply_rotary(q, q[:, :1], cfg, position_ids=pos, seq_len=cfg.max_position_embeddings)
+    q_rot = q_rot.cpu()
     idx = torch.arange(64)
     return q_rot[0, idx, :, idx].T.double(), q_rot[0, idx, :, idx + 64].T.double()
 

@@ -81,7 +81,10 @@ def attention_variants(quick: bool):
     shapes = [s for s in SHAPES if not quick or s[1] in (128, 256)]
     for (r, d, row_class), causal, rotate_k, varlen in itertools.product(shapes, (True, False), (True, False),
                                                                           (False, True)):
-        if quick and (varlen or not rotate_k) and (r, d) != (128, 128):
+        # --quick: every switch on head_dim 128, the causal fully-rotated variant of the other shapes
+        if quick and (r, d) != (128, 128) and (varlen or not rotate_k or not causal):
+            continue
+        if quick and (r, d) == (128, 128) and not causal:
             continue
         pass_dim = d - r
         yield dict(ROTARY_DIM=r, BLOCK_HALF=max(16, triton.next_power_of_2(r // 2)),
