@@ -1,0 +1,146 @@
+"""Perplexity at long context: sliding windows over documents, scoring only each window's tail.
+
+For a context length L and ``score_tokens`` N, each window is L consecutive tokens of one
+document and only its last N tokens are scored, each with at least L - N tokens of context.
+Windows slide by N, so a document of n tokens gives (n - L) // N + 1 windows and no token is
+scored twice; ``max_windows`` keeps an evenly spaced subset. Only the N + 1 logits needed are
+computed (``logits_to_keep``): the LM head over the whole window would cost as much as the
+rest of the model at 16K on a CPU and ~L x vocab x 4 bytes of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LongRoPEConfig
+from .rope import check_length, use_rope
+
+
+@dataclasses.dataclass
+class Window:
+    """Tokens ``[start, start + length)`` of document ``doc``; the last ``score_tokens`` are scored."""
+
+    doc: int
+    start: int
+    length: int
+    score_tokens: int
+
+
+@dataclasses.dataclass
+class PerplexityResult:
+    length: int
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens
+    windows: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tokenize_documents(tokenizer, texts: Sequence[str]) -> list:
+    """Token ids (1-D LongTensor) of each text, without special tokens."""
+    return [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+
+
+def sliding_windows(doc_lengths: Sequence[int], length: int, score_tokens: Optional[int] = None,
+                    max_windows: Optional[int] = None) -> list:
+    """Windows of ``length`` tokens sliding by ``score_tokens`` over every document long enough;
+    with ``max_windows``, an evenly spaced subset (deterministic)."""
+    score = length if score_tokens is None else min(int(score_tokens), length)
+    if score < 1:
+        raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
+    windows = []
+    for doc, n in enumerate(doc_lengths):
+        # the first scored token needs a predecessor: a window scoring all L tokens starts at 1
+        first = 1 if score == length else 0
+        if n - first < length:
+            continue
+        windows += [Window(doc, s, length, score) for s in range(first, n - length + 1, score)]
+    if not windows:
+        raise ValueError(f"no document is longer than {length} tokens (longest: {max(doc_lengths, default=0)})")
+    if max_windows is not None and len(windows) > max_windows:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        picks = [round(i * (len(windows) - 1) / max(max_windows - 1, 1)) for i in range(max_windows)]
+        if max_windows == 1:
+            picks = [len(windows) // 2]
+        windows = [windows[i] for i in picks]
+    return windows
+
+
+def aligned_windows(doc_lengths: Sequence[int], lengths: Sequence[int], score_tokens: int,
+                    max_windows: Optional[int] = None) -> dict:
+    """{length: windows} where every length scores the same tokens: the windows of the longest
+    length, shortened from the left. Compares contexts fairly (e.g. 16K extended vs the native 8K)."""
+    longest = max(lengths)
+    base = sliding_windows(doc_lengths, longest, score_tokens, max_windows)
+    if score_tokens > min(lengths):
+        raise ValueError(f"score_tokens ({score_tokens}) must not exceed the shortest length ({min(lengths)})")
+    return {n: [Window(w.doc, w.start + longest - n, n, w.score_tokens) for w in base] for n in lengths}
+
+
+@torch.inference_mode()
+def window_nll(model, input_ids: torch.Tensor, score_tokens: int, targets: Optional[torch.Tensor] = None):
+    """Sum of negative log-likelihoods of the last ``score_tokens`` tokens and their count.
+
+    ``input_ids`` is (1, L) or (L,). With ``targets`` (the tokens to score), the window is
+    ``input_ids`` followed by nothing: logits of the last ``score_tokens`` positions predict
+    ``targets``. Without, the last ``score_tokens`` tokens of the window are the targets.
+    """
+    ids = input_ids.reshape(1, -1)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    if targets is None:
+        out = model(input_ids=ids, logits_to_keep=score_tokens + 1, use_cache=False)
+        logits, tgt = out.logits[0, :-1], ids[0, -score_tokens:]
+    else:
+        out = model(input_ids=ids, logits_to_keep=score_tokens, use_cache=False)
+        logits, tgt = out.logits[0], targets.reshape(-1).to(device)
+    nll = F.cross_entropy(logits.float(), tgt, reduction="sum")
+    return float(nll), int(tgt.numel())
+
+
+def perplexity(model, documents: Sequence[torch.Tensor], length: int, cfg: Optional[LongRoPEConfig] = None,
+               score_tokens: Optional[int] = None, max_windows: Optional[int] = None, backend: str = "auto",
+               progress: bool = False, desc: Optional[str] = None, windows: Optional[Sequence[Window]] = None
+               ) -> PerplexityResult:
+    """Perplexity of ``model`` (under ``cfg`` if given) at context ``length`` over token documents.
+
+    Args:
+        documents: 1-D token-id tensors (see :func:`tokenize_documents`).
+        length: window (context) length in tokens.
+        cfg: RoPE config to run under (None: the model as it is).
+        score_tokens: tokens scored per window (the tail; None -> the whole window).
+        max_windows: evenly spaced subset of the sliding windows.
+        backend: see :mod:`longrope_triton.eval.rope`.
+        windows: explicit windows (e.g. from :func:`aligned_windows`) instead of the sliding ones.
+
+    Returns:
+        PerplexityResult (perplexity = exp(mean NLL over scored tokens)).
+    """
+    if cfg is not None:
+        check_length(cfg, length)
+    if windows is None:
+        windows = sliding_windows([len(d) for d in documents], length, score_tokens, max_windows)
+    elif any(w.length != length for w in windows):
+        raise ValueError(f"explicit windows must have length {length}")
+    total, count = 0.0, 0
+    ctx = use_rope(model, cfg, backend) if cfg is not None else contextlib.nullcontext()
+    iterator = windows
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(windows, desc=desc or f"ppl@{length}", unit="win", leave=False, dynamic_ncols=True)
+    with ctx:
+        for w in iterator:
+            nll, n = window_nll(model, documents[w.doc][w.start: w.start + w.length], w.score_tokens)
+            total, count = total + nll, count + n
+    mean = total / count
+    return PerplexityResult(length, math.exp(mean) if mean < 700 else math.inf, mean, count, len(windows))
+
