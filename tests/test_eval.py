@@ -145,6 +145,9 @@ def test_passkey_scoring_detects_a_retrieved_key():
     assert correct and answer == "54321" and nll < 1e-3
     answer, correct, _ = pk.score_prompt(Oracle([ord(c) for c in " 54329"]), prompt, tok)
     assert not correct and answer == "54329"
+    # a wrong separator (":" instead of the space) is not judged: the digits are what counts
+    answer, correct, _ = pk.score_prompt(Oracle([ord(c) for c in ":54321"]), prompt, tok)
+    assert correct and answer == "54321"
 
 
 # ---------------------------------------------------------------------------- plots and tables

@@ -11,8 +11,9 @@ Prompt (the standard one)::
 
 The prompt is assembled from separately tokenized pieces, so its length in tokens is controlled
 exactly (up to one filler sentence). An answer is scored by teacher forcing: it counts as
-retrieved iff the greedy choice at each of the answer's token positions is the answer's token --
-the same outcome as greedy decoding of those tokens, in one forward and without a KV cache.
+retrieved iff the greedy choice at each of the answer's digit-carrying token positions is the
+answer's token -- the greedy decoding of the 5 digits once the separator (a lone space token in
+SmolLM2's tokenizer) is given, in one forward and without a KV cache.
 ``mode="generate"`` decodes ``max_new_tokens`` tokens with ``model.generate`` instead and parses
 the first digit string.
 """
@@ -115,16 +116,27 @@ class PasskeyTrial:
 
 @torch.inference_mode()
 def score_prompt(model, prompt: PasskeyPrompt, tokenizer=None):
-    """(greedy answer string, all-correct?, mean answer NLL) by teacher forcing (one forward)."""
+    """(greedy answer string, retrieved?, mean answer NLL) by teacher forcing (one forward).
+
+    Only the answer tokens that carry digits are judged: tokenizers such as SmolLM2's split
+    " 12345" into a lone space and five digits, and a model that would print a newline or a
+    colon before the number has still retrieved it. The judged tokens are exactly the greedy
+    decoding of the digits once the separator is given.
+    """
     device = next(model.parameters()).device
     ids = torch.cat([prompt.input_ids, prompt.answer_ids[:-1]])[None].to(device)
     k = len(prompt.answer_ids)
     logits = model(input_ids=ids, logits_to_keep=k, use_cache=False).logits[0].float()
     target = prompt.answer_ids.to(device)
+    judged = torch.ones(k, dtype=torch.bool, device=device)
+    if tokenizer is not None:
+        judged = torch.tensor([tokenizer.decode([t]).strip() != "" for t in prompt.answer_ids.tolist()],
+                              device=device)
     greedy = logits.argmax(-1)
-    nll = float(torch.nn.functional.cross_entropy(logits, target))
-    text = tokenizer.decode(greedy.tolist()) if tokenizer is not None else " ".join(map(str, greedy.tolist()))
-    return text.strip(), bool((greedy == target).all()), nll
+    nll = float(torch.nn.functional.cross_entropy(logits[judged], target[judged]))
+    picked = greedy[judged].tolist()
+    text = tokenizer.decode(picked) if tokenizer is not None else " ".join(map(str, picked))
+    return text.strip(), bool((greedy[judged] == target[judged]).all()), nll
 
 
 @torch.inference_mode()
