@@ -27,10 +27,6 @@ import torch
 FP32_REL_TOL = 2e-6
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
