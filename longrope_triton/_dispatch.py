@@ -12,6 +12,13 @@ import os
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Launch options of every kernel. FMA contraction is pinned on (Triton's historical default,
+# which Triton 3.10 turns off) so results and speed do not change with the Triton version.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+# Kernels index in int32 unless an element offset of some tensor of the launch reaches this
+# (then INT64=True widens the offsets that can grow: batch, head and row x stride). A module
+# constant so tests can lower it and run the int64 variant on small tensors.
+INT32_OFFSET_LIMIT = 2**31
 
 
 def triton_interpret() -> bool:
@@ -31,6 +38,12 @@ def use_kernel(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and triton_interpret() and t.dtype != torch.bfloat16
+
+
+def needs_int64(args) -> bool:
+    """True when the largest element offset of a tensor among ``args`` reaches INT32_OFFSET_LIMIT."""
+    return any(sum((n - 1) * s for n, s in zip(a.shape, a.stride()) if n > 0) >= INT32_OFFSET_LIMIT
+               for a in args if isinstance(a, torch.Tensor) and a.numel() > 0)
 
 
 @contextlib.contextmanager

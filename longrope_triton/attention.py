@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 
 from . import reference
-from ._dispatch import kernel_errors, triton_interpret, use_kernel
+from ._dispatch import LAUNCH_OPTIONS, kernel_errors, needs_int64, triton_interpret, use_kernel
 from ._validation import (check_config, check_gqa, check_heads, check_position_range, check_positions,
                           check_same, check_seq_len)
 from .config import LongRoPEConfig
@@ -219,11 +219,12 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 def _launch(name, kernel, tuned, grid, args, meta):
     """Run a kernel: autotuned when compiled, fixed tiles under the interpreter."""
+    meta = {**meta, "INT64": needs_int64(args)}
     with kernel_errors(name), torch.device(args[0].device):
         if triton_interpret():
-            kernel[grid(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS)
+            kernel[grid(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS, **LAUNCH_OPTIONS)
         else:
-            tuned[grid](*args, **meta)
+            tuned[grid](*args, **meta, **LAUNCH_OPTIONS)
 
 
 def _kernel_meta(q, cfg, causal, rotate_q, rotate_k, plan):
@@ -265,7 +266,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cfg, plan, causal, softmax_s
     block_dv = max(16, triton.next_power_of_2(head_dim))
     with kernel_errors("attention backward preprocess"), torch.device(q.device):
         attention_bwd_preprocess_kernel[(triton.cdiv(sq, 64), batch, n_hq)](
-            out, grad_out, delta, sq, head_dim, *out.stride(), *grad_out.stride(), BLOCK_M=64, BLOCK_DV=block_dv)
+            out, grad_out, delta, sq, head_dim, *out.stride(), *grad_out.stride(), BLOCK_M=64, BLOCK_DV=block_dv,
+            INT64=needs_int64((out, grad_out, delta)), **LAUNCH_OPTIONS)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pointers, scalars = _shared_args(cfg, plan, q, k)
     meta = _kernel_meta(q, cfg, causal, rotate_q, rotate_k, plan)

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=20, help="early stop after this many iterations without "
                                                            "improvement > --tolerance")
     p.add_argument("--tolerance", type=float, default=1e-3, help="early-stop tolerance on the best fitness")
-    p.add_argument("--start-tokens", type=_ints, help="n_hat choices, comma-separated (default: 0,1,2,4,...,256)")
+    p.add_argument("--start-tokens", type=_ints, help="n_hat choices, comma-separated (default: 0,1,2,4,...,256; "
+                   "with --short, n_hat of --previous, which the long factors share)")
     p.add_argument("--upper", type=float, help="upper bound of the factors (default: 1.25 s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed + same log = same search)")
     p.add_argument("--log", required=True, help="JSON-lines log of every evaluation (resumed if it exists)")

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from . import reference
-from ._dispatch import kernel_errors, use_kernel
+from ._dispatch import LAUNCH_OPTIONS, kernel_errors, needs_int64, use_kernel
 from ._validation import (check_config, check_heads, check_position_range, check_positions,
                           check_same, check_seq_len)
 from .config import LongRoPEConfig
@@ -79,7 +79,8 @@ def launch_rotary(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, cfg: Long
             *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *pos.stride(),
             ROTARY_DIM=cfg.rotary_dim, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(cfg.rotary_dim // 2),
             BLOCK_PASS=triton.next_power_of_2(pass_dim) if pass_dim else 0,
-            INTERLEAVED=cfg.interleaved, CONJUGATE=conjugate, num_warps=4,
+            INTERLEAVED=cfg.interleaved, CONJUGATE=conjugate, INT64=needs_int64((q, k, q_out, k_out, pos)),
+            num_warps=4, **LAUNCH_OPTIONS,
         )
     return q_out, k_out
 

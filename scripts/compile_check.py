@@ -21,6 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from longrope_triton._dispatch import LAUNCH_OPTIONS  # noqa: E402
 from longrope_triton.attention import _TILES  # noqa: E402
 from longrope_triton.kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,  # noqa: E402
                                                    attention_bwd_preprocess_kernel)
@@ -55,7 +56,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 def compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch):
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages, **LAUNCH_OPTIONS})
     return (compiled.metadata.shared,) + resource_usage(compiled.asm["cubin"])
 
 
@@ -90,7 +91,7 @@ def attention_variants(quick: bool):
         yield dict(ROTARY_DIM=r, BLOCK_HALF=max(16, triton.next_power_of_2(r // 2)),
                    BLOCK_PASS=max(16, triton.next_power_of_2(pass_dim)) if pass_dim else 0,
                    BLOCK_DV=max(16, triton.next_power_of_2(d)), CAUSAL=causal, INTERLEAVED=False, ROTATE_Q=True,
-                   ROTATE_K=rotate_k, IS_VARLEN=varlen, DOT_PRECISION="tf32"), row_class
+                   ROTATE_K=rotate_k, IS_VARLEN=varlen, DOT_PRECISION="tf32", INT64=False), row_class
 
 
 def main(argv=None) -> int:
@@ -105,17 +106,23 @@ def main(argv=None) -> int:
                              (attention_bwd_dq_kernel, "dq")):
             for m, n, warps, stages in _TILES[name][row_class]:
                 jobs.append((kernel, "bf16", {**meta, "BLOCK_M": m, "BLOCK_N": n}, warps, stages))
-    for r, d, inter in ((64, 64, False), (128, 128, True), (48, 80, False)):
+            if meta["ROTARY_DIM"] == 128 and meta["BLOCK_DV"] == 128 and meta["ROTATE_K"]:
+                # the int64-offset variant (tensors past 2^31 elements), at the first tile of the list
+                m, n, warps, stages = _TILES[name][row_class][0]
+                jobs.append((kernel, "bf16", {**meta, "INT64": True, "BLOCK_M": m, "BLOCK_N": n}, warps, stages))
+    for (r, d, inter), int64 in itertools.product(((64, 64, False), (128, 128, True), (48, 80, False)),
+                                                  (False, True)):
         jobs.append((rotary_kernel, "bf16", dict(ROTARY_DIM=r, BLOCK_S=32, BLOCK_HALF=triton.next_power_of_2(r // 2),
                                                  BLOCK_PASS=triton.next_power_of_2(d - r) if d > r else 0,
-                                                 INTERLEAVED=inter, CONJUGATE=False), 4, 3))
-    jobs.append((attention_bwd_preprocess_kernel, "bf16", dict(BLOCK_M=64, BLOCK_DV=128), 4, 3))
+                                                 INTERLEAVED=inter, CONJUGATE=False, INT64=int64), 4, 3))
+    for int64 in (False, True):
+        jobs.append((attention_bwd_preprocess_kernel, "bf16", dict(BLOCK_M=64, BLOCK_DV=128, INT64=int64), 4, 3))
     limit = SHARED_LIMIT.get(args.arch, 101376)
     for kernel, dtype, constexprs, warps, stages in jobs:
         label = (f"{kernel.fn.__name__:30s} r{constexprs.get('ROTARY_DIM', '-')} dv{constexprs.get('BLOCK_DV', '-')} "
                  f"M{constexprs.get('BLOCK_M', '-')} N{constexprs.get('BLOCK_N', '-')} w{warps} s{stages} "
                  f"causal={constexprs.get('CAUSAL', '-')} rotK={constexprs.get('ROTATE_K', '-')} "
-                 f"varlen={constexprs.get('IS_VARLEN', '-')}")
+                 f"varlen={constexprs.get('IS_VARLEN', '-')} int64={constexprs.get('INT64')}")
         try:
             shared, regs, spills = compile_one(kernel, dtype, constexprs, warps, stages, args.arch)
         except Exception as exc:  # noqa: BLE001 - report every failing variant, then exit non-zero

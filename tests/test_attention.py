@@ -172,6 +172,37 @@ def test_cache_paths_match_full_attention(path):
         assert (chunk - full[:, :, start:]).abs().max() < 2e-5, f"query chunk from {start}"
 
 
+def test_needs_int64_looks_at_the_largest_offset():
+    from longrope_triton._dispatch import needs_int64
+    assert not needs_int64([torch.empty_strided((2, 3), (2**30, 1), device="meta")])  # last offset 2^30 + 2
+    assert needs_int64([torch.empty_strided((3, 4), (2**30, 1), device="meta")])  # 2^31 + 3
+    assert needs_int64([1.0, torch.empty_strided((2**16 + 1, 2**15), (2**15, 1), device="meta")])
+    assert not needs_int64([torch.empty_strided((2**20, 0), (2**20, 1), device="meta")])  # empty
+
+
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs the Triton kernels")
+def test_int64_offset_variant_matches_int32(monkeypatch):
+    """The kernels' INT64 variant (taken past 2^31 elements) computes exactly what the int32 one does:
+    forward, backward, varlen and the rotary kernel, run here on small tensors."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = make_cfg(64, 48, original=40)
+    cu = torch.tensor([0, 30, 31, 100, 133], device=device)
+    q, k, v = (t.detach().to(device).requires_grad_() for t in make_qkv(1, 6, 2, 133, 133, 64, torch.float32,
+                                                                           bshd=True))
+    grad_out = torch.randn(1, 6, 133, 64, device=device)
+
+    def run_all():
+        batched = run_with_grads(lambda *x: fused_rope_attention(*x, cfg), (q, k, v), grad_out)
+        packed = run_with_grads(lambda *x: fused_rope_attention(*x, cfg, cu_seqlens=cu), (q, k, v), grad_out)
+        return batched + packed + list(apply_rotary(q.detach(), k.detach(), cfg))
+
+    int32 = run_all()
+    monkeypatch.setattr("longrope_triton._dispatch.INT32_OFFSET_LIMIT", 0)
+    int64 = run_all()
+    for a, b in zip(int32, int64):
+        assert torch.equal(a, b)
+
+
 def test_compile_fullgraph_forward_backward():
     """torch.compile(fullgraph=True) traces through the custom op without graph breaks."""
     cfg = make_cfg(original=32)
@@ -260,3 +291,28 @@ def test_gpu_long_forward(s):
     ref = fused_rope_attention_reference(q[:, :, rows].float(), k.float(), v.float(), cfg,
                                          position_ids=pos[rows], kv_position_ids=pos, dtype=torch.float32)
     assert (out[:, :, rows].float() - ref).abs().max() < 2e-2 * math.sqrt(ref.abs().max().item() + 1)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """The last batch of q, k, v starts at element 2^31: addressing must be 64-bit (fwd, bwd, rotary)."""
+    h, s, d = 2, 257, 64
+    cfg = make_cfg(d)
+
+    def strided():
+        buf = torch.randn(2 * 2**30 + h * s * d, device="cuda", dtype=torch.float16)  # 4 GiB
+        return buf.as_strided((3, h, s, d), (2**30, s * d, d, 1)).detach().requires_grad_()
+
+    big = [strided() for _ in range(3)]
+    small = [t[2:].detach().contiguous().requires_grad_() for t in big]
+    grad_out = torch.randn(1, h, s, d, device="cuda", dtype=torch.float16)
+    out_big = fused_rope_attention(*big, cfg)
+    out_small = fused_rope_attention(*small, cfg)
+    torch.autograd.backward([out_big[2:], out_small], [grad_out, grad_out])
+    torch.testing.assert_close(out_big[2:], out_small)
+    for t_big, t_small in zip(big, small):
+        torch.testing.assert_close(t_big.grad[2:], t_small.grad)
+    q_rot, k_rot = apply_rotary(big[0].detach(), big[1].detach(), cfg)
+    q_ref, k_ref = apply_rotary(small[0].detach(), small[1].detach(), cfg)
+    torch.testing.assert_close(q_rot[2:], q_ref)
+    torch.testing.assert_close(k_rot[2:], k_ref)

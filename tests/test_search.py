@@ -133,11 +133,18 @@ def test_progressive_extension_multiplies_previous_factors():
 
 
 def test_short_readjustment_searches_the_short_factors():
-    previous = LongRoPEConfig.longrope(16, 64, 256, long_factor=ramp(8, 1.0, 4.0))
+    previous = LongRoPEConfig.longrope(16, 64, 256, long_factor=ramp(8, 1.0, 4.0), start_token=12)
     space = build_space(previous, 256, previous=previous, short=True)
     assert space.regime == "short" and space.scale == 1.0 and space.upper == pytest.approx(1.25)
     cfg = space.to_config(space.candidate([1.1] * 8))
     assert cfg.short_factor == pytest.approx([1.1] * 8) and cfg.long_factor == previous.long_factor
+    # n_hat belongs to both regimes: seeds, mutants and crossovers of the short search keep the long one's
+    rng = random.Random(0)
+    seeds = list(space.seeds().values())
+    children = [space.mutate(seeds[0], rng, probability=1.0) for _ in range(20)]
+    children += [space.crossover(children[i], children[i + 1], rng, probability=0.5) for i in range(10)]
+    assert {c.start_token for c in seeds + children} == {12}
+    assert {space.to_config(c).start_token for c in children} == {12}
 
 
 # ---------------------------------------------------------------------------- search

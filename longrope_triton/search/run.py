@@ -31,6 +31,8 @@ def build_space(base: LongRoPEConfig, target: int, method: str = "longrope", pre
         kw["start_token_choices"] = tuple(start_token_choices)
     if short:
         template = previous or base
+        # n_hat is shared by both regimes: the short search must not move the long regime's.
+        kw.setdefault("start_token_choices", (template.start_token,))
         return SearchSpace(template, regime="short", **kw)
     orig = base.original_max_position_embeddings
     if previous is not None:
