@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .attention_fwd import (LOG2E, key_tile_range, load_rope_tile, score_mask, sequence_bounds,
                             split_scores)
-from .rotary import head_dim_offsets, load_block, rotate_pair, row_pointer, store_block, store_pairs, widen
+from .rotary import head_dim_offsets, load_block, rotate_pair, store_block, store_pairs, widen
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -26,15 +26,13 @@ def attention_bwd_preprocess_kernel(p_out, p_do, p_delta, SEQ, HEAD_DIM,
     """delta = rowsum(dO * O) in fp32, (batch, heads, seq) contiguous. Grid: (cdiv(SEQ, BLOCK_M), batch, heads)."""
     i_m, i_b, i_h = tl.program_id(0), widen(tl.program_id(1), INT64), widen(tl.program_id(2), INT64)
     n_h = tl.num_programs(2)
-    o_r = tl.arange(0, BLOCK_M)
-    o_m = i_m * BLOCK_M + o_r
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < SEQ
+    o_m = widen(o_m, INT64)
     o_d = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
-    p_out = row_pointer(p_out + i_b * stride_ob + i_h * stride_oh, i_m * BLOCK_M, stride_os, INT64)
-    p_do = row_pointer(p_do + i_b * stride_dob + i_h * stride_doh, i_m * BLOCK_M, stride_dos, INT64)
-    b_o = load_block(p_out, o_r, m_m, stride_os, stride_od, o_d, m_d)
-    b_do = load_block(p_do, o_r, m_m, stride_dos, stride_dod, o_d, m_d)
+    b_o = load_block(p_out + i_b * stride_ob + i_h * stride_oh, o_m, m_m, stride_os, stride_od, o_d, m_d)
+    b_do = load_block(p_do + i_b * stride_dob + i_h * stride_doh, o_m, m_m, stride_dos, stride_dod, o_d, m_d)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     tl.store(p_delta + (i_b * n_h + i_h) * SEQ + o_m, b_delta, mask=m_m)
 
@@ -48,21 +46,19 @@ def _dkdv_inner(b_dk1, b_dk2, b_dkp, b_dv, b_k1, b_k2, b_kp, b_v, p_q, p_do, p_l
                 MASK_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr):
     """Accumulate dK (rotated space, pre-scale) and dV of one K tile over Q tiles [m_lo, m_hi)."""
     dtype = b_k1.dtype
-    o_r = tl.arange(0, BLOCK_M)
     for start_m in range(m_lo, m_hi, BLOCK_M):
-        o_m = start_m + o_r
+        o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < len_q
-        b_q1, b_q2, b_qp, _, _ = load_rope_tile(row_pointer(p_q, start_m, stride_qs, INT64),
-                                                row_pointer(p_qpos, start_m, stride_qps, INT64), o_r, m_m, stride_qs,
-                                                stride_qd, stride_qps, p_tab, tab_rows, start_token, regime_set,
-                                                o_f, m_f, o_p, m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_Q)
+        b_q1, b_q2, b_qp, _, _ = load_rope_tile(p_q, p_qpos, widen(o_m, INT64), m_m, stride_qs, stride_qd,
+                                                stride_qps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p,
+                                                m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_Q)
         b_q1, b_q2, b_qp = b_q1.to(dtype), b_q2.to(dtype), b_qp.to(dtype)
         b_lse = tl.load(p_lse + o_m * stride_ls, mask=m_m, other=float("inf"))
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
         b_s = split_scores(b_q1, b_q2, b_qp, b_k1, b_k2, b_kp, HAS_PASS, DOT_PRECISION) * qk_scale
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         b_p = tl.where(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL), b_p, 0.0)
-        b_do = load_block(row_pointer(p_do, start_m, stride_dos, INT64), o_r, m_m, stride_dos, stride_dod, o_dv, m_dv)
+        b_do = load_block(p_do, widen(o_m, INT64), m_m, stride_dos, stride_dod, o_dv, m_dv)
         b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(dtype)
@@ -105,23 +101,21 @@ def attention_bwd_dkdv_kernel(
     regime_set = tl.load(p_seq_set + i_b)
     qk_scale = softmax_scale * LOG2E
 
-    o_r = tl.arange(0, BLOCK_N)
-    o_n = start_n + o_r
+    o_n = start_n + tl.arange(0, BLOCK_N)
     m_n = o_n < len_k
+    o_nw = widen(o_n, INT64)  # row offsets; masks use o_n
     o_f, m_f, o_p, m_p, o_dv, m_dv = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_DV)
 
-    # Pointers to the sequence start (offsets widened by INT64); tiles are reached with row_pointer.
     p_kpos += i_bt * stride_kpb + k_start * stride_kps
     p_qpos += i_bt * stride_qpb + q_start * stride_qps
-    p_kh = p_k + i_bt * stride_kb + i_hk * stride_kh + k_start * stride_ks
     b_k1, b_k2, b_kp, b_cos, b_sin = load_rope_tile(
-        row_pointer(p_kh, start_n, stride_ks, INT64), row_pointer(p_kpos, start_n, stride_kps, INT64), o_r, m_n,
-        stride_ks, stride_kd, stride_kps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p, m_p, HALF,
-        HAS_PASS, INTERLEAVED, ROTATE_K)
+        p_k + i_bt * stride_kb + i_hk * stride_kh + k_start * stride_ks, p_kpos, o_nw, m_n, stride_ks, stride_kd,
+        stride_kps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p, m_p, HALF, HAS_PASS, INTERLEAVED,
+        ROTATE_K)
     dtype = p_k.dtype.element_ty
     b_k1, b_k2, b_kp = b_k1.to(dtype), b_k2.to(dtype), b_kp.to(dtype)
-    p_vh = p_v + i_bt * stride_vb + i_hk * stride_vh + k_start * stride_vs
-    b_v = load_block(row_pointer(p_vh, start_n, stride_vs, INT64), o_r, m_n, stride_vs, stride_vd, o_dv, m_dv)
+    b_v = load_block(p_v + i_bt * stride_vb + i_hk * stride_vh + k_start * stride_vs, o_nw, m_n, stride_vs,
+                     stride_vd, o_dv, m_dv)
 
     b_dk1 = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
     b_dk2 = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
@@ -157,12 +151,12 @@ def attention_bwd_dkdv_kernel(
     b_dk2 *= softmax_scale
     if ROTATE_K:
         b_dk1, b_dk2 = rotate_pair(b_dk1, b_dk2, b_cos, b_sin, True)
-    p_dkt = row_pointer(p_dk + i_bt * stride_dkb + i_hk * stride_dkh + k_start * stride_dks, start_n, stride_dks, INT64)
-    store_pairs(p_dkt, b_dk1, b_dk2, o_r, m_n, stride_dks, stride_dkd, o_f, m_f, HALF, INTERLEAVED)
+    p_dkh = p_dk + i_bt * stride_dkb + i_hk * stride_dkh + k_start * stride_dks
+    store_pairs(p_dkh, b_dk1, b_dk2, o_nw, m_n, stride_dks, stride_dkd, o_f, m_f, HALF, INTERLEAVED)
     if HAS_PASS:
-        store_block(p_dkt, b_dkp * softmax_scale, o_r, m_n, stride_dks, stride_dkd, o_p, m_p)
-    p_dvt = row_pointer(p_dv + i_bt * stride_dvb + i_hk * stride_dvh + k_start * stride_dvs, start_n, stride_dvs, INT64)
-    store_block(p_dvt, b_dv, o_r, m_n, stride_dvs, stride_dvd, o_dv, m_dv)
+        store_block(p_dkh, b_dkp * softmax_scale, o_nw, m_n, stride_dks, stride_dkd, o_p, m_p)
+    store_block(p_dv + i_bt * stride_dvb + i_hk * stride_dvh + k_start * stride_dvs, b_dv, o_nw, m_n, stride_dvs,
+                stride_dvd, o_dv, m_dv)
 
 
 @triton.jit
@@ -173,19 +167,17 @@ def _dq_inner(b_dq1, b_dq2, b_dqp, b_q1, b_q2, b_qp, b_do, b_lse, b_delta, p_k, 
               MASK_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr):
     """Accumulate dQ (rotated space, pre-scale) of one Q tile over K tiles [n_lo, n_hi)."""
     dtype = b_q1.dtype
-    o_r = tl.arange(0, BLOCK_N)
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        o_n = start_n + o_r
+        o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < len_k
-        b_k1, b_k2, b_kp, _, _ = load_rope_tile(row_pointer(p_k, start_n, stride_ks, INT64),
-                                                row_pointer(p_kpos, start_n, stride_kps, INT64), o_r, m_n, stride_ks,
-                                                stride_kd, stride_kps, p_tab, tab_rows, start_token, regime_set,
-                                                o_f, m_f, o_p, m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_K)
+        b_k1, b_k2, b_kp, _, _ = load_rope_tile(p_k, p_kpos, widen(o_n, INT64), m_n, stride_ks, stride_kd,
+                                                stride_kps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p,
+                                                m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_K)
         b_k1, b_k2, b_kp = b_k1.to(dtype), b_k2.to(dtype), b_kp.to(dtype)
         b_s = split_scores(b_q1, b_q2, b_qp, b_k1, b_k2, b_kp, HAS_PASS, DOT_PRECISION) * qk_scale
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         b_p = tl.where(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL), b_p, 0.0)
-        b_v = load_block(row_pointer(p_v, start_n, stride_vs, INT64), o_r, m_n, stride_vs, stride_vd, o_dv, m_dv)
+        b_v = load_block(p_v, widen(o_n, INT64), m_n, stride_vs, stride_vd, o_dv, m_dv)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(dtype)
         b_dq1 += tl.dot(b_ds, b_k1, input_precision=DOT_PRECISION)
@@ -227,24 +219,21 @@ def attention_bwd_dq_kernel(
     regime_set = tl.load(p_seq_set + i_b)
     qk_scale = softmax_scale * LOG2E
 
-    o_r = tl.arange(0, BLOCK_M)
-    o_m = start_m + o_r
+    o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < len_q
+    o_mw = widen(o_m, INT64)  # row offsets; masks use o_m
     o_f, m_f, o_p, m_p, o_dv, m_dv = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_DV)
 
-    # Pointers to the sequence start (offsets widened by INT64); tiles are reached with row_pointer.
     p_qpos += i_bt * stride_qpb + q_start * stride_qps
     p_kpos += i_bt * stride_kpb + k_start * stride_kps
     p_qh = p_q + i_bt * stride_qb + i_h * stride_qh + q_start * stride_qs
-    b_q1, b_q2, b_qp, b_cos, b_sin = load_rope_tile(row_pointer(p_qh, start_m, stride_qs, INT64),
-                                                    row_pointer(p_qpos, start_m, stride_qps, INT64), o_r, m_m,
-                                                    stride_qs, stride_qd, stride_qps, p_tab, tab_rows, start_token,
-                                                    regime_set, o_f, m_f, o_p, m_p, HALF, HAS_PASS, INTERLEAVED,
-                                                    ROTATE_Q)
+    b_q1, b_q2, b_qp, b_cos, b_sin = load_rope_tile(p_qh, p_qpos, o_mw, m_m, stride_qs, stride_qd, stride_qps, p_tab,
+                                                    tab_rows, start_token, regime_set, o_f, m_f, o_p, m_p, HALF,
+                                                    HAS_PASS, INTERLEAVED, ROTATE_Q)
     dtype = p_q.dtype.element_ty
     b_q1, b_q2, b_qp = b_q1.to(dtype), b_q2.to(dtype), b_qp.to(dtype)
-    p_doh = p_do + i_bt * stride_dob + i_h * stride_doh + q_start * stride_dos
-    b_do = load_block(row_pointer(p_doh, start_m, stride_dos, INT64), o_r, m_m, stride_dos, stride_dod, o_dv, m_dv)
+    b_do = load_block(p_do + i_bt * stride_dob + i_h * stride_doh + q_start * stride_dos, o_mw, m_m, stride_dos,
+                      stride_dod, o_dv, m_dv)
     b_lse = tl.load(p_lse + i_bt * stride_lb + i_h * stride_lh + (q_start + o_m) * stride_ls, mask=m_m,
                     other=float("inf"))
     b_delta = tl.load(p_delta + (i_bt * N_HQ + i_h) * DELTA_SEQ + q_start + o_m, mask=m_m, other=0.0)
@@ -268,7 +257,7 @@ def attention_bwd_dq_kernel(
     b_dq2 *= softmax_scale
     if ROTATE_Q:
         b_dq1, b_dq2 = rotate_pair(b_dq1, b_dq2, b_cos, b_sin, True)
-    p_dqt = row_pointer(p_dq + i_bt * stride_dqb + i_h * stride_dqh + q_start * stride_dqs, start_m, stride_dqs, INT64)
-    store_pairs(p_dqt, b_dq1, b_dq2, o_r, m_m, stride_dqs, stride_dqd, o_f, m_f, HALF, INTERLEAVED)
+    p_dqh = p_dq + i_bt * stride_dqb + i_h * stride_dqh + q_start * stride_dqs
+    store_pairs(p_dqh, b_dq1, b_dq2, o_mw, m_m, stride_dqs, stride_dqd, o_f, m_f, HALF, INTERLEAVED)
     if HAS_PASS:
-        store_block(p_dqt, b_dqp * softmax_scale, o_r, m_m, stride_dqs, stride_dqd, o_p, m_p)
+        store_block(p_dqh, b_dqp * softmax_scale, o_mw, m_m, stride_dqs, stride_dqd, o_p, m_p)

@@ -12,22 +12,23 @@ kernels/rotary.py.
 import triton
 import triton.language as tl
 
-from .rotary import (head_dim_offsets, load_block, load_pairs, positions_cos_sin, rotate_pair, row_pointer,
-                     store_block, widen)
+from .rotary import head_dim_offsets, load_block, load_pairs, positions_cos_sin, rotate_pair, widen
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def sequence_bounds(p_cu_q, p_cu_k, i_b, SEQ_Q, SEQ_K, IS_VARLEN: tl.constexpr, INT64: tl.constexpr):
-    """(q start row, q length, k start row, k length) of sequence i_b (packed or batched)."""
+    """(q start row, q length, k start row, k length) of sequence i_b (packed or batched);
+    the starts in the offset type (they multiply row strides)."""
     if IS_VARLEN:
         q_start = tl.load(p_cu_q + i_b).to(tl.int32)
         k_start = tl.load(p_cu_k + i_b).to(tl.int32)
         len_q = tl.load(p_cu_q + i_b + 1).to(tl.int32) - q_start
         len_k = tl.load(p_cu_k + i_b + 1).to(tl.int32) - k_start
-        return widen(q_start, INT64), len_q, widen(k_start, INT64), len_k
-    return 0, SEQ_Q, 0, SEQ_K
+    else:
+        q_start, len_q, k_start, len_k = 0, SEQ_Q, 0, SEQ_K
+    return widen(q_start, INT64), len_q, widen(k_start, INT64), len_k
 
 
 @triton.jit
@@ -45,10 +46,7 @@ def key_tile_range(start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.cons
 def load_rope_tile(p_x, p_pos, o_s, m_s, stride_s, stride_d, stride_ps, p_tab, tab_rows, start_token, regime_set,
                    o_f, m_f, o_p, m_p, HALF: tl.constexpr, HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr,
                    ROTATE: tl.constexpr):
-    """A q or k tile as (x1, x2, xp, cos, sin): pairs rotated when ROTATE (fp32), pass-through dims as loaded.
-
-    p_x and p_pos point at the tile's first row; o_s, m_s are the tile's row offsets and mask.
-    """
+    """A q or k tile as (x1, x2, xp, cos, sin): pairs rotated when ROTATE (fp32), pass-through dims as loaded."""
     b_x1, b_x2 = load_pairs(p_x, o_s, m_s, stride_s, stride_d, o_f, m_f, HALF, INTERLEAVED)
     if ROTATE:
         b_cos, b_sin = positions_cos_sin(p_pos, o_s, m_s, stride_ps, p_tab, tab_rows, start_token, regime_set,
@@ -91,14 +89,12 @@ def _fwd_inner(b_acc, b_l, b_m, b_q1, b_q2, b_qp, p_k, p_v, p_kpos, p_tab, tab_r
                MASK_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr):
     """Online softmax (base 2) over K tiles [n_lo, n_hi); causal masking only where MASK_CAUSAL."""
     dtype = b_q1.dtype
-    o_r = tl.arange(0, BLOCK_N)
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        o_n = start_n + o_r
+        o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < len_k
-        b_k1, b_k2, b_kp, _, _ = load_rope_tile(row_pointer(p_k, start_n, stride_ks, INT64),
-                                                row_pointer(p_kpos, start_n, stride_kps, INT64), o_r, m_n, stride_ks,
-                                                stride_kd, stride_kps, p_tab, tab_rows, start_token, regime_set,
-                                                o_f, m_f, o_p, m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_K)
+        b_k1, b_k2, b_kp, _, _ = load_rope_tile(p_k, p_kpos, widen(o_n, INT64), m_n, stride_ks, stride_kd,
+                                                stride_kps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p,
+                                                m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_K)
         b_s = split_scores(b_q1, b_q2, b_qp, b_k1.to(dtype), b_k2.to(dtype), b_kp.to(dtype), HAS_PASS,
                            DOT_PRECISION)
         b_s = tl.where(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL), b_s, float("-inf"))
@@ -108,7 +104,7 @@ def _fwd_inner(b_acc, b_l, b_m, b_q1, b_q2, b_qp, p_k, p_v, p_kpos, p_tab, tab_r
         b_p = tl.math.exp2(b_s - b_shift[:, None])
         b_alpha = tl.math.exp2(b_m - b_shift)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = load_block(row_pointer(p_v, start_n, stride_vs, INT64), o_r, m_n, stride_vs, stride_vd, o_dv, m_dv)
+        b_v = load_block(p_v, widen(o_n, INT64), m_n, stride_vs, stride_vd, o_dv, m_dv)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         b_m = b_m_new
     return b_acc, b_l, b_m
@@ -144,22 +140,20 @@ def attention_fwd_kernel(
     i_hk = i_h // GROUP
     regime_set = tl.load(p_seq_set + i_b)
 
-    o_r = tl.arange(0, BLOCK_M)
-    o_m = start_m + o_r
+    o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < len_q
     o_f, m_f, o_p, m_p, o_dv, m_dv = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_DV)
 
-    # Pointers to the sequence start (offsets widened by INT64); tiles are reached with row_pointer.
     p_q += i_bt * stride_qb + i_h * stride_qh + q_start * stride_qs
     p_k += i_bt * stride_kb + i_hk * stride_kh + k_start * stride_ks
     p_v += i_bt * stride_vb + i_hk * stride_vh + k_start * stride_vs
     p_qpos += i_bt * stride_qpb + q_start * stride_qps
     p_kpos += i_bt * stride_kpb + k_start * stride_kps
 
-    b_q1, b_q2, b_qp, _, _ = load_rope_tile(row_pointer(p_q, start_m, stride_qs, INT64),
-                                            row_pointer(p_qpos, start_m, stride_qps, INT64), o_r, m_m, stride_qs,
-                                            stride_qd, stride_qps, p_tab, tab_rows, start_token, regime_set, o_f,
-                                            m_f, o_p, m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_Q)
+    o_mw = widen(o_m, INT64)  # row offsets; masks use o_m
+    b_q1, b_q2, b_qp, _, _ = load_rope_tile(p_q, p_qpos, o_mw, m_m, stride_qs, stride_qd, stride_qps, p_tab, tab_rows,
+                                            start_token, regime_set, o_f, m_f, o_p, m_p, HALF, HAS_PASS,
+                                            INTERLEAVED, ROTATE_Q)
     dtype = p_q.dtype.element_ty
     b_q1 = (b_q1 * qk_scale).to(dtype)
     b_q2 = (b_q2 * qk_scale).to(dtype)
@@ -182,5 +176,6 @@ def attention_fwd_kernel(
     b_out = b_acc / tl.where(b_empty, 1.0, b_l)[:, None]
     b_lse = tl.where(b_empty, float("inf"), b_m + tl.math.log2(tl.where(b_empty, 1.0, b_l)))
     p_out += i_bt * stride_ob + i_h * stride_oh + q_start * stride_os
-    store_block(row_pointer(p_out, start_m, stride_os, INT64), b_out, o_r, m_m, stride_os, stride_od, o_dv, m_dv)
+    tl.store(p_out + o_mw[:, None] * stride_os + o_dv[None, :] * stride_od, b_out,
+             mask=m_m[:, None] & m_dv[None, :])
     tl.store(p_lse + i_bt * stride_lb + i_h * stride_lh + (q_start + o_m) * stride_ls, b_lse, mask=m_m)

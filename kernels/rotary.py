@@ -63,25 +63,13 @@ def pair_offsets(o_f, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
 @triton.jit
 def widen(i, INT64: tl.constexpr):
     """An index in the offset type: int64 when some tensor of the launch passes 2^31 elements
-    (the launcher decides, as Inductor does), else int32, which costs fewer registers."""
-    if INT64:
-        return tl.cast(i, tl.int64)
-    return i
-
-
-@triton.jit
-def row_pointer(p_x, row, stride_s, INT64: tl.constexpr):
-    """p_x moved to row ``row`` (row x stride is where offsets outgrow int32: 512K tokens of a
-    (batch, seq, 32 heads, 128) tensor). Offsets inside a tile stay int32."""
-    return p_x + widen(row, INT64) * stride_s
+    (the launcher decides, as Inductor does), else int32, which costs far fewer registers."""
+    return tl.cast(i, tl.int64) if INT64 else i
 
 
 @triton.jit
 def load_pairs(p_x, o_s, m_s, stride_s, stride_d, o_f, m_f, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Load the two members of every rotated pair of a (BLOCK, head_dim) tile as fp32 blocks.
-
-    Here and below, o_s are row offsets from p_x within one tile (see row_pointer).
-    """
+    """Load the two members of every rotated pair of a (BLOCK, head_dim) tile as fp32 blocks."""
     o_a, o_b = pair_offsets(o_f, HALF, INTERLEAVED)
     m = m_s[:, None] & m_f[None, :]
     p_rows = p_x + o_s[:, None] * stride_s
@@ -138,8 +126,8 @@ def _rotate_heads(p_x, p_y, N_HEADS, b_cos, b_sin, o_s, m_s, o_f, m_f, o_p, m_p,
                   CONJUGATE: tl.constexpr, INT64: tl.constexpr):
     """Rotate every head of one (batch, seq block): x -> y, pass-through dims copied."""
     for i_h in range(N_HEADS):
-        p_xh = row_pointer(p_x, i_h, stride_xh, INT64)
-        p_yh = row_pointer(p_y, i_h, stride_yh, INT64)
+        p_xh = p_x + widen(i_h, INT64) * stride_xh
+        p_yh = p_y + widen(i_h, INT64) * stride_yh
         b_x1, b_x2 = load_pairs(p_xh, o_s, m_s, stride_xs, stride_xd, o_f, m_f, HALF, INTERLEAVED)
         b_y1, b_y2 = rotate_pair(b_x1, b_x2, b_cos, b_sin, CONJUGATE)
         store_pairs(p_yh, b_y1, b_y2, o_s, m_s, stride_ys, stride_yd, o_f, m_f, HALF, INTERLEAVED)
@@ -171,17 +159,15 @@ def rotary_kernel(
     i_s, i_b = tl.program_id(0), widen(tl.program_id(1), INT64)
     HALF: tl.constexpr = ROTARY_DIM // 2
     HAS_PASS: tl.constexpr = BLOCK_PASS > 0
-    row = i_s * BLOCK_S
-    o_s = tl.arange(0, BLOCK_S)
-    m_s = row + o_s < SEQ
+    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    m_s = o_s < SEQ
+    o_s = widen(o_s, INT64)  # row offsets (row x stride); the mask above stays int32
     o_f, m_f, o_p, m_p, _, _ = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_HALF)
-    b_cos, b_sin = positions_cos_sin(row_pointer(p_pos + i_b * stride_pb, row, stride_ps, INT64), o_s, m_s,
-                                     stride_ps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, HALF)
-    _rotate_heads(row_pointer(p_q + i_b * stride_qb, row, stride_qs, INT64),
-                  row_pointer(p_q_out + i_b * stride_qob, row, stride_qos, INT64), N_HQ, b_cos, b_sin, o_s, m_s,
-                  o_f, m_f, o_p, m_p, stride_qh, stride_qs, stride_qd, stride_qoh, stride_qos, stride_qod,
+    b_cos, b_sin = positions_cos_sin(p_pos + i_b * stride_pb, o_s, m_s, stride_ps, p_tab, tab_rows, start_token,
+                                     regime_set, o_f, m_f, HALF)
+    _rotate_heads(p_q + i_b * stride_qb, p_q_out + i_b * stride_qob, N_HQ, b_cos, b_sin, o_s, m_s, o_f, m_f,
+                  o_p, m_p, stride_qh, stride_qs, stride_qd, stride_qoh, stride_qos, stride_qod,
                   HALF, HAS_PASS, INTERLEAVED, CONJUGATE, INT64)
-    _rotate_heads(row_pointer(p_k + i_b * stride_kb, row, stride_ks, INT64),
-                  row_pointer(p_k_out + i_b * stride_kob, row, stride_kos, INT64), N_HK, b_cos, b_sin, o_s, m_s,
-                  o_f, m_f, o_p, m_p, stride_kh, stride_ks, stride_kd, stride_koh, stride_kos, stride_kod,
+    _rotate_heads(p_k + i_b * stride_kb, p_k_out + i_b * stride_kob, N_HK, b_cos, b_sin, o_s, m_s, o_f, m_f,
+                  o_p, m_p, stride_kh, stride_ks, stride_kd, stride_koh, stride_kos, stride_kod,
                   HALF, HAS_PASS, INTERLEAVED, CONJUGATE, INT64)

@@ -61,15 +61,16 @@ def compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch):
 
 
 def resource_usage(cubin: bytes):
-    """(registers, local-memory bytes) per thread from cuobjdump; local memory > 0 means spills."""
+    """(registers, stack bytes) per thread from cuobjdump. Triton kernels make no calls and keep
+    no local arrays, so a stack frame is register spills (ptxas -v: "bytes spill stores")."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", text)
-    local = re.search(r"LOCAL:(\d+)", text)
-    return int(regs.group(1)) if regs else -1, int(local.group(1)) if local else -1
+    stack = re.search(r"STACK:(\d+)", text)
+    return int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
 
 
 # (rotary_dim, head_dim, row class of the launcher for bf16)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         if shared > limit:
             failures += 1
         over = f" OVER THE SHARED-MEMORY LIMIT ({limit})" if shared > limit else ""
-        print(f"ok   {label} shared={shared} regs={regs} local={spills}{over}", flush=True)
+        print(f"ok   {label} shared={shared} regs={regs} spill_stack={spills}{over}", flush=True)
     print(f"{len(jobs) - failures}/{len(jobs)} variants compiled for sm_{args.arch}")
     return 1 if failures else 0
 
