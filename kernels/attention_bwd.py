@@ -28,7 +28,7 @@ def attention_bwd_preprocess_kernel(p_out, p_do, p_delta, SEQ, HEAD_DIM,
     n_h = tl.num_programs(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < SEQ
-    o_m = widen(o_m, INT64)
+    o_m = widen(o_m, INT64)  # row offsets; the mask above stays int32
     o_d = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     b_o = load_block(p_out + i_b * stride_ob + i_h * stride_oh, o_m, m_m, stride_os, stride_od, o_d, m_d)
@@ -49,7 +49,8 @@ def _dkdv_inner(b_dk1, b_dk2, b_dkp, b_dv, b_k1, b_k2, b_kp, b_v, p_q, p_do, p_l
     for start_m in range(m_lo, m_hi, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < len_q
-        b_q1, b_q2, b_qp, _, _ = load_rope_tile(p_q, p_qpos, widen(o_m, INT64), m_m, stride_qs, stride_qd,
+        o_mw = widen(o_m, INT64)  # row offsets; masks use o_m
+        b_q1, b_q2, b_qp, _, _ = load_rope_tile(p_q, p_qpos, o_mw, m_m, stride_qs, stride_qd,
                                                 stride_qps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p,
                                                 m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_Q)
         b_q1, b_q2, b_qp = b_q1.to(dtype), b_q2.to(dtype), b_qp.to(dtype)
@@ -58,7 +59,7 @@ def _dkdv_inner(b_dk1, b_dk2, b_dkp, b_dv, b_k1, b_k2, b_kp, b_v, p_q, p_do, p_l
         b_s = split_scores(b_q1, b_q2, b_qp, b_k1, b_k2, b_kp, HAS_PASS, DOT_PRECISION) * qk_scale
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         b_p = tl.where(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL), b_p, 0.0)
-        b_do = load_block(p_do, widen(o_m, INT64), m_m, stride_dos, stride_dod, o_dv, m_dv)
+        b_do = load_block(p_do, o_mw, m_m, stride_dos, stride_dod, o_dv, m_dv)
         b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(dtype)
@@ -170,14 +171,15 @@ def _dq_inner(b_dq1, b_dq2, b_dqp, b_q1, b_q2, b_qp, b_do, b_lse, b_delta, p_k, 
     for start_n in range(n_lo, n_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < len_k
-        b_k1, b_k2, b_kp, _, _ = load_rope_tile(p_k, p_kpos, widen(o_n, INT64), m_n, stride_ks, stride_kd,
+        o_nw = widen(o_n, INT64)  # row offsets; masks use o_n
+        b_k1, b_k2, b_kp, _, _ = load_rope_tile(p_k, p_kpos, o_nw, m_n, stride_ks, stride_kd,
                                                 stride_kps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p,
                                                 m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_K)
         b_k1, b_k2, b_kp = b_k1.to(dtype), b_k2.to(dtype), b_kp.to(dtype)
         b_s = split_scores(b_q1, b_q2, b_qp, b_k1, b_k2, b_kp, HAS_PASS, DOT_PRECISION) * qk_scale
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         b_p = tl.where(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL), b_p, 0.0)
-        b_v = load_block(p_v, widen(o_n, INT64), m_n, stride_vs, stride_vd, o_dv, m_dv)
+        b_v = load_block(p_v, o_nw, m_n, stride_vs, stride_vd, o_dv, m_dv)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(dtype)
         b_dq1 += tl.dot(b_ds, b_k1, input_precision=DOT_PRECISION)

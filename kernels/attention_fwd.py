@@ -92,7 +92,8 @@ def _fwd_inner(b_acc, b_l, b_m, b_q1, b_q2, b_qp, p_k, p_v, p_kpos, p_tab, tab_r
     for start_n in range(n_lo, n_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < len_k
-        b_k1, b_k2, b_kp, _, _ = load_rope_tile(p_k, p_kpos, widen(o_n, INT64), m_n, stride_ks, stride_kd,
+        o_nw = widen(o_n, INT64)  # row offsets; masks use o_n
+        b_k1, b_k2, b_kp, _, _ = load_rope_tile(p_k, p_kpos, o_nw, m_n, stride_ks, stride_kd,
                                                 stride_kps, p_tab, tab_rows, start_token, regime_set, o_f, m_f, o_p,
                                                 m_p, HALF, HAS_PASS, INTERLEAVED, ROTATE_K)
         b_s = split_scores(b_q1, b_q2, b_qp, b_k1.to(dtype), b_k2.to(dtype), b_kp.to(dtype), HAS_PASS,
@@ -104,7 +105,7 @@ def _fwd_inner(b_acc, b_l, b_m, b_q1, b_q2, b_qp, p_k, p_v, p_kpos, p_tab, tab_r
         b_p = tl.math.exp2(b_s - b_shift[:, None])
         b_alpha = tl.math.exp2(b_m - b_shift)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = load_block(p_v, widen(o_n, INT64), m_n, stride_vs, stride_vd, o_dv, m_dv)
+        b_v = load_block(p_v, o_nw, m_n, stride_vs, stride_vd, o_dv, m_dv)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         b_m = b_m_new
     return b_acc, b_l, b_m
