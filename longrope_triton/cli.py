@@ -7,6 +7,9 @@
     longrope-triton finetune --factors factors.json --steps 100 --checkpoint ckpt/
     longrope-triton export --factors factors.json --model-dir my-model/ --output extended/
 
+Under ``torchrun --nproc-per-node N -m -- longrope_triton.cli ...`` the work of search, eval,
+passkey and finetune is split over the N ranks (see longrope_triton.parallel, docs/parallel.md).
+
 Errors a user can fix (missing model or text, a length beyond what the config allows, a corrupt or
 mismatched search log, bad arguments) print one line and exit with status 2.
 """
@@ -27,6 +30,9 @@ examples:
       Perplexity of each method at each length on held-out novels (table + PNG plot).
   longrope-triton passkey --method longrope --lengths 8192,16384 --depths 0.1,0.5,0.9
       Passkey retrieval accuracy by length and depth (table + heat-map PNG).
+  torchrun --nproc-per-node 4 -m -- longrope_triton.cli search --target 16384 --log run.jsonl -o f.json
+      The same commands over 4 ranks (one GPU each): candidates, windows, trials or rows split
+      (the -- keeps torchrun from reading --log as its own --log-dir).
 
 models: 'smollm2' (offline, installed by scripts/install_assets.sh) or a Hugging Face model directory.
 texts:  austen:search | austen:heldout | austen:<novel>[,<novel>] | a .txt or .jsonl file.
@@ -191,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=50, help="save a checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="save the fine-tuned model (config carrying the factors) to this directory")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="K",
+                   help="under torchrun: K ranks share each row, each holding a zigzag shard of every document "
+                        "(context parallel); the W/K groups split the rows (data parallel)")
 
     # ------------------------------------------------------------------ export
     p = sub.add_parser("export", help="write factors into a Hugging Face model's config.json", formatter_class=_Formatter,
@@ -243,7 +252,7 @@ def _run(args) -> int:
                      long_tokens=args.long_tokens, short_tokens=args.short_tokens, shorts_per_row=args.shorts_per_row,
                      output=args.output, lr=args.lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
                      gradient_checkpointing=not args.no_checkpointing, checkpoint=args.checkpoint,
-                     save_every=args.save_every, seed=args.seed)
+                     save_every=args.save_every, seed=args.seed, context_parallel=args.context_parallel)
     elif args.command == "export":
         from .eval.runner import run_export
         run_export(factors=args.factors, model_dir=args.model_dir, model=args.model, output=args.output)
@@ -254,9 +263,11 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status (0 ok, 2 usage or input error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .parallel import launched
     from .search.evolution import SearchLogError
     try:
-        return _run(args)
+        with launched():  # the process group of a torchrun launch (WORLD_SIZE > 1), else nothing
+            return _run(args)
     except (SearchLogError, FileNotFoundError, ValueError, UsageError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"longrope-triton {args.command}: error: {msg}", file=sys.stderr)

@@ -309,6 +309,8 @@ def _patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None
     cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
     kwargs.pop("cache", None)
     call = kwargs.pop(_CALL_KWARG, None) or _Call.from_mask(attention_mask)
+    if state.process_group is not None:
+        return _context_parallel_forward(self, state, hidden_states, call, kwargs), None
     batch, seq = hidden_states.shape[:2]
     q, k, v = _project(self, family, hidden_states)
 
@@ -357,6 +359,34 @@ def _patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None
         sliding_window=window, **kwargs)
     out = out.reshape(batch, seq, -1).contiguous()
     return self.o_proj(out), weights
+
+
+def _context_parallel_forward(self, state: "_PatchState", hidden_states: torch.Tensor, call: _Call,
+                              kwargs: dict) -> torch.Tensor:
+    """Attention of a context-parallel patched module: ``hidden_states`` is this rank's zigzag shard.
+
+    The base model's pre-hook has checked (or filled in) the global positions and turned the
+    cache off, so the shard's q/k/v go straight into ``context_parallel_attention``, which
+    rotates them at their global positions and picks the regime from the full length."""
+    from .distributed import context_parallel_attention
+
+    group, cfg = state.process_group, state.cfg
+    batch, seq = hidden_states.shape[:2]
+    full = seq * torch.distributed.get_world_size(group)
+    window = _sliding_window(self, state.family)
+    dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
+    unsupported = [what for what, present in (
+        ("a padding or custom attention mask", call.mask not in ("none", "ones")),
+        ("attention weights (output_attentions)", call.weights or kwargs.get("output_attentions", False)),
+        ("attention dropout", bool(dropout)),
+        (f"a sliding window of {window} tokens", window is not None and full > window)) if present]
+    if unsupported:
+        raise ValueError(f"the context-parallel patched model does not support {', '.join(unsupported)}")
+    seq_len = full if state.regime == "auto" else max(full, cfg.original_max_position_embeddings + 1)
+    q, k, v = _project(self, state.family, hidden_states)
+    out = context_parallel_attention(q, k, v, cfg, group=group, causal=True, softmax_scale=self.scaling,
+                                     seq_len=seq_len)
+    return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 # ---------------------------------------------------------------------------- generation: the switch
@@ -414,6 +444,7 @@ class _PatchState:
     modules: list  # [(module, attribute name patched, previous instance value or None)]
     hooks: list
     prepare: Optional[tuple]  # (previous instance value or None,) when prepare_inputs_for_generation was wrapped
+    process_group: Optional[object] = None  # context parallel: the ranks that share each sequence
 
 
 _MISSING = object()
@@ -425,10 +456,40 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return base if isinstance(base, torch.nn.Module) else model
 
 
-def _pre_hook(module, args, kwargs):
+def _pre_hook(state: "_PatchState", module, args, kwargs):
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     kwargs[_CALL_KWARG] = _Call.from_mask(mask, weights=bool(kwargs.get("output_attentions")))
+    if state.process_group is not None:
+        _shard_inputs(state.process_group, args, kwargs)
     return args, kwargs
+
+
+def _shard_inputs(group, args, kwargs) -> None:
+    """Context parallel: the base model's inputs are this rank's zigzag shard of each sequence.
+
+    Checks that position_ids, when given, are the shard's global positions (else fills them in:
+    the model's default arange would be the shard's local positions), and turns the KV cache off
+    (a sharded sequence is trained or scored whole; there is no sharded cache to extend)."""
+    from .distributed import zigzag_positions
+
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        raise ValueError("the context-parallel patched model runs without a KV cache (no generation, no "
+                         "past_key_values): each forward is one whole sequence, sharded over the ranks")
+    kwargs["use_cache"] = False
+    source = kwargs.get("input_ids", args[0] if args else None)
+    if source is None:
+        source = kwargs.get("inputs_embeds")
+    if source is None:
+        return  # the model raises its own error
+    batch, local = source.shape[:2]
+    expected = zigzag_positions(local * torch.distributed.get_world_size(group), group, device=source.device)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        kwargs["position_ids"] = expected[None].expand(batch, -1)
+    elif position_ids.shape[-1] != local or not bool((position_ids.reshape(-1, local) == expected).all()):
+        raise ValueError("the context-parallel patched model needs position_ids = this rank's zigzag shard of "
+                         "arange(S) (longrope_triton.distributed.zigzag_positions), or None; packed "
+                         "sequences and offsets are not supported")
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -436,7 +497,7 @@ def is_patched(model: torch.nn.Module) -> bool:
     return getattr(model, _STATE_ATTR, None) is not None
 
 
-def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str = "auto"):
+def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str = "auto", process_group=None):
     """Make every attention module of ``model`` run :func:`fused_rope_attention` on raw q/k (in place).
 
     Args:
@@ -448,6 +509,14 @@ def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str =
             original_max_position_embeddings), and generate() re-prefills once when it crosses
             the switch. "long": the long factors from the first token (no switch; a different
             model below the original context length).
+        process_group: context parallel (None: off). A ``torch.distributed`` process group
+            (``torch.distributed.group.WORLD`` for all ranks) whose ranks share each sequence:
+            every rank passes its zigzag shard of the input ids (``shard_sequence(ids, dim=1)``),
+            with position_ids None or the shard's global positions (``zigzag_positions``), and
+            gets the logits of its shard; attention runs ``context_parallel_attention`` (global
+            positions, regime of the full length). No KV cache, padding mask, sliding window in
+            reach, attention dropout or packed sequences. A per-token loss on the shard needs
+            its labels shifted on the full sequence, before sharding.
 
     Returns:
         The same model, patched. Undo with :func:`unpatch_model`.
@@ -469,9 +538,12 @@ def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str =
                          "or set_rope(model, cfg) to change its factors")
     if regime not in _REGIMES:
         raise ValueError(f"regime must be one of {_REGIMES}, got {regime!r}")
+    if process_group is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("patch_model(process_group=...) needs an initialized torch.distributed process group")
     family, modules = _resolve_family(model)
     cfg = _check_cfg(_model_rope(model.config) if config is None else config, model.config, modules)
-    state = _PatchState(cfg=cfg, family=family, regime=regime, modules=[], hooks=[], prepare=None)
+    state = _PatchState(cfg=cfg, family=family, regime=regime, modules=[], hooks=[], prepare=None,
+                        process_group=process_group)
     for _, module in modules:
         # accelerate's hooks keep the real forward in _old_forward and call it from forward
         attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
@@ -479,7 +551,7 @@ def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str =
         module._longrope_state = state
         setattr(module, attr, types.MethodType(_patched_forward, module))
     base = _base_model(model)
-    state.hooks.append(base.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+    state.hooks.append(base.register_forward_pre_hook(functools.partial(_pre_hook, state), with_kwargs=True))
     if callable(getattr(model, "prepare_inputs_for_generation", None)):
         state.prepare = (model.__dict__.get("prepare_inputs_for_generation", _MISSING),)
         original = model.prepare_inputs_for_generation

@@ -18,8 +18,14 @@ from .. import data
 from ..config import LongRoPEConfig
 
 
-def load_model(spec: str, dtype=torch.float32):
-    """(model, tokenizer) for a model spec, in eval mode; FileNotFoundError if it is not there."""
+def load_model(spec: str, dtype=torch.float32, device=None):
+    """(model, tokenizer) for a model spec, in eval mode, on ``device`` (default: where it loads,
+    the CPU); FileNotFoundError if it is not there."""
+    model, tokenizer = _load(spec, dtype)
+    return (model if device is None else model.to(device)), tokenizer
+
+
+def _load(spec: str, dtype):
     if spec == "smollm2":
         from ..models import load_smollm2
         return load_smollm2(dtype=dtype)

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import parallel
 from ..config import LongRoPEConfig
 from .rope import check_length, use_rope
 
@@ -160,6 +161,9 @@ def passkey_retrieval(model, tokenizer, lengths: Sequence[int], depths: Sequence
         cfg: RoPE config to run under (None: the model as it is).
         mode: "score" (teacher forcing, one forward) or "generate" (greedy decoding).
         on_trial: called with each PasskeyTrial as it finishes.
+
+    Under ``torchrun`` the (length, depth, trial) items are split over the ranks (see
+    :func:`longrope_triton.parallel.imap`); every rank returns the same list.
     """
     if mode not in ("score", "generate"):
         raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
@@ -168,22 +172,26 @@ def passkey_retrieval(model, tokenizer, lengths: Sequence[int], depths: Sequence
             check_length(cfg, n)
     rng = random.Random(seed)
     jobs = [(n, d, random_key(rng)) for n in lengths for d in depths for _ in range(trials)]
+
+    def run_trial(job) -> PasskeyTrial:
+        n, d, key = job
+        prompt = passkey_prompt(tokenizer, n, d, key)
+        if mode == "score":
+            answer, correct, nll = score_prompt(model, prompt, tokenizer)
+            return PasskeyTrial(n, d, key, parse_answer(answer) or answer, correct, nll)
+        answer = generate_answer(model, tokenizer, prompt)
+        return PasskeyTrial(n, d, key, answer, answer == key, float("nan"))
+
     results = []
-    iterator = jobs
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(jobs, desc="passkey", unit="trial", leave=False, dynamic_ncols=True)
     ctx = use_rope(model, cfg, backend) if cfg is not None else contextlib.nullcontext()
     with ctx:
-        for n, d, key in iterator:
-            prompt = passkey_prompt(tokenizer, n, d, key)
-            if mode == "score":
-                answer, correct, nll = score_prompt(model, prompt, tokenizer)
-                answer = parse_answer(answer) or answer
-            else:
-                answer, nll = generate_answer(model, tokenizer, prompt), float("nan")
-                correct = answer == key
-            trial = PasskeyTrial(n, d, key, answer, correct, nll)
+        # the trials are split over the ranks under torchrun; every rank gets all of them, in order
+        trials_done = parallel.imap(run_trial, jobs)
+        if progress:
+            from tqdm.auto import tqdm
+            trials_done = tqdm(trials_done, total=len(jobs), desc="passkey", unit="trial", leave=False,
+                               dynamic_ncols=True)
+        for trial in trials_done:
             results.append(trial)
             if on_trial is not None:
                 on_trial(trial)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import parallel
 from ..config import LongRoPEConfig
 from .rope import check_length, use_rope
 
@@ -123,24 +124,63 @@ def perplexity(model, documents: Sequence[torch.Tensor], length: int, cfg: Optio
         windows: explicit windows (e.g. from :func:`aligned_windows`) instead of the sliding ones.
 
     Returns:
-        PerplexityResult (perplexity = exp(mean NLL over scored tokens)).
+        PerplexityResult (perplexity = exp(mean NLL over scored tokens)). Under ``torchrun`` the
+        windows are split over the ranks (see :func:`perplexities`).
     """
-    if cfg is not None:
-        check_length(cfg, length)
     if windows is None:
         windows = sliding_windows([len(d) for d in documents], length, score_tokens, max_windows)
-    elif any(w.length != length for w in windows):
-        raise ValueError(f"explicit windows must have length {length}")
-    total, count = 0.0, 0
-    ctx = use_rope(model, cfg, backend) if cfg is not None else contextlib.nullcontext()
-    iterator = windows
+    return perplexities(model, documents, [PerplexityRun(length, windows, cfg)], backend, progress,
+                        desc or f"ppl@{length}")[0]
+
+
+@dataclasses.dataclass
+class PerplexityRun:
+    """One perplexity to compute: ``windows`` of ``length`` tokens under ``cfg`` (None: the model as it is)."""
+
+    length: int
+    windows: Sequence[Window]
+    cfg: Optional[LongRoPEConfig] = None
+
+
+def perplexities(model, documents: Sequence[torch.Tensor], runs: Sequence[PerplexityRun], backend: str = "auto",
+                 progress: bool = False, desc: str = "perplexity", on_result=None) -> list:
+    """The PerplexityResult of every run, in order; ``on_result(i, result)`` as each one completes.
+
+    Every (run, window) pair is one work item of :func:`longrope_triton.parallel.imap`: under
+    ``torchrun`` the windows of all runs are split over the ranks and their NLL sums gathered, so
+    a single window per run still keeps every rank busy, and each run's sum adds the same
+    numbers in the same order as one process would.
+    """
+    for run in runs:
+        if run.cfg is not None:
+            check_length(run.cfg, run.length)
+        if not run.windows:
+            raise ValueError(f"no window to score at length {run.length}")
+        if any(w.length != run.length for w in run.windows):
+            raise ValueError(f"explicit windows must have length {run.length}")
+    items = [(i, w) for i, run in enumerate(runs) for w in run.windows]
+
+    def nll_of(item):
+        i, w = item
+        ctx = use_rope(model, runs[i].cfg, backend) if runs[i].cfg is not None else contextlib.nullcontext()
+        with ctx:
+            return window_nll(model, documents[w.doc][w.start: w.start + w.length], w.score_tokens)
+
+    results = parallel.imap(nll_of, items)
     if progress:
         from tqdm.auto import tqdm
-        iterator = tqdm(windows, desc=desc or f"ppl@{length}", unit="win", leave=False, dynamic_ncols=True)
-    with ctx:
-        for w in iterator:
-            nll, n = window_nll(model, documents[w.doc][w.start: w.start + w.length], w.score_tokens)
-            total, count = total + nll, count + n
-    mean = total / count
-    return PerplexityResult(length, math.exp(mean) if mean < 700 else math.inf, mean, count, len(windows))
+        results = tqdm(results, total=len(items), desc=desc, unit="win", leave=False, dynamic_ncols=True)
+    sums = [[0.0, 0, 0] for _ in runs]  # per run: NLL sum, scored tokens, windows done
+    out = [None] * len(runs)
+    for (i, _), (nll, n) in zip(items, results):
+        sums[i] = [sums[i][0] + nll, sums[i][1] + n, sums[i][2] + 1]
+        if sums[i][2] == len(runs[i].windows):
+            out[i] = _result(runs[i].length, *sums[i])
+            if on_result is not None:
+                on_result(i, out[i])
+    return out
 
+
+def _result(length: int, total: float, count: int, windows: int) -> PerplexityResult:
+    mean = total / count
+    return PerplexityResult(length, math.exp(mean) if mean < 700 else math.inf, mean, count, windows)

@@ -71,14 +71,19 @@ def check_length(cfg: LongRoPEConfig, length: int):
 
 
 @contextlib.contextmanager
-def use_rope(model, cfg: LongRoPEConfig, backend: str = "auto"):
+def use_rope(model, cfg: LongRoPEConfig, backend: str = "auto", process_group=None):
     """Context manager: inside it ``model`` runs with ``cfg``; the model is restored on exit.
+
+    ``process_group``: context parallel (the fused backend's ``patch_model(process_group=...)``):
+    each rank of the group feeds its zigzag shard of every sequence.
 
     Example:
         >>> with use_rope(model, LongRoPEConfig.pi(64, 8192, 16384, base=1e5)):   # doctest: +SKIP
         ...     logits = model(ids).logits
     """
     backend = resolve_backend(backend)
+    if backend == "stock" and process_group is not None:
+        raise ValueError("context parallel (process_group) needs backend='fused'")
     if backend == "stock":
         owner, name = _rotary_owner(model)
         original = getattr(owner, name)
@@ -94,10 +99,10 @@ def use_rope(model, cfg: LongRoPEConfig, backend: str = "auto"):
     previous = getattr(model, "_longrope_patch", None)
     if previous is not None:
         unpatch_model(model)
-    patch_model(model, cfg)
+    patch_model(model, cfg, process_group=process_group)
     try:
         yield model
     finally:
         unpatch_model(model)
         if previous is not None:
-            patch_model(model, previous.cfg, regime=previous.regime)
+            patch_model(model, previous.cfg, regime=previous.regime, process_group=previous.process_group)

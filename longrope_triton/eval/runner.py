@@ -62,50 +62,73 @@ def run_eval(model: str = "smollm2", text: str = "austen:heldout", methods: Sequ
 
     ``aligned`` (default): every length scores the same tokens (the windows of the longest length,
     shortened from the left), so lengths compare how much the extra context helps. Identical
-    configs (PI/NTK/YaRN are plain RoPE up to L_orig) are evaluated once.
+    configs (PI/NTK/YaRN are plain RoPE up to L_orig) are evaluated once. Under ``torchrun`` the
+    windows of all (method, length) cells are split over the ranks; rank 0 prints and writes.
     """
+    from .. import parallel
     from .common import load_model, load_texts, model_base_config
-    from .perplexity import aligned_windows, perplexity, tokenize_documents
+    from .perplexity import PerplexityRun, aligned_windows, perplexities, sliding_windows, tokenize_documents
     from .plots import perplexity_table, plot_perplexity
 
+    print_fn = parallel.main_only(print_fn)
     sets = {"longrope": factors, "longrope2": factors2}
     limits = precheck(methods, lengths, sets, skip_too_long)
     texts = load_texts(text)
-    mdl, tok = load_model(model)
+    mdl, tok = load_model(model, device=parallel.device())
     base = model_base_config(mdl)
     names, docs = list(texts), tokenize_documents(tok, list(texts.values()))
     doc_lengths = [len(d) for d in docs]
     plan = aligned_windows(doc_lengths, lengths, score_tokens, windows) if aligned else {}
-    results, rows, configs, done = {}, [], {}, {}
+    # cells: (method, length, index of its run or None when skipped); identical configs share a run
+    cells, runs, run_index, configs = [], [], {}, {}
     for method in methods:
-        results[method] = {}
         for length in lengths:
             if length > limits.get(method, length):
-                print_fn(f"{method:<10} {length:>7}  skipped (beyond the factor set's {limits[method]})", flush=True)
+                cells.append((method, length, None))
                 continue
             cfg = config_for(method, base, length, target, sets)
             configs[f"{method}@{length}"] = cfg.to_dict()
             key = (cfg.to_json(), length)
-            start = time.perf_counter()
-            if key in done:
-                res = done[key]
-            else:
-                res = done[key] = perplexity(mdl, docs, length, cfg, score_tokens, windows, backend, progress=True,
-                                             desc=f"{method}@{length}", windows=plan.get(length))
-            seconds = time.perf_counter() - start
+            if key not in run_index:
+                run_index[key] = len(runs)
+                spans = plan.get(length) or sliding_windows(doc_lengths, length, score_tokens, windows)
+                runs.append(PerplexityRun(length, spans, cfg))
+            cells.append((method, length, run_index[key]))
+
+    results, rows = {m: {} for m in methods}, []
+    finished, clock = {}, [time.perf_counter()]  # run index -> (result, seconds it took)
+
+    def show_ready_cells():
+        """Print (and record) the cells, in order, up to the first one whose run is not finished."""
+        while cells and (cells[0][2] is None or cells[0][2] in finished):
+            method, length, i = cells.pop(0)
+            if i is None:
+                print_fn(f"{method:<10} {length:>7}  skipped (beyond the factor set's {limits[method]})", flush=True)
+                continue
+            res, seconds = finished[i]
+            finished[i] = (res, 0.0)  # a cell sharing the run took no time of its own
             results[method][length] = res.perplexity
             rows.append({"method": method, **res.to_dict(), "seconds": round(seconds, 1)})
             print_fn(f"{method:<10} {length:>7}  ppl {res.perplexity:10.3f}  ({res.tokens} tokens, "
                      f"{res.windows} windows, {seconds:.0f} s)", flush=True)
+
+    def on_result(i, res):
+        now = time.perf_counter()
+        finished[i], clock[0] = (res, now - clock[0]), now
+        show_ready_cells()
+
+    show_ready_cells()
+    perplexities(mdl, docs, runs, backend, progress=parallel.is_main(), on_result=on_result)
     print_fn("\n" + perplexity_table(results))
     record = {"model": model, "text": text, "documents": names, "score_tokens": score_tokens, "windows": windows,
               "aligned": aligned, "window_spans": {n: [[names[w.doc], w.start, w.start + w.length] for w in ws]
                                                    for n, ws in plan.items()},
               "target": target, "factors": sets, "rows": rows, "configs": configs, "provenance": provenance()}
-    paths = _write(out, record)
-    png = plot_perplexity(results, f"{out}.png", title=f"{model}: perplexity of the last {score_tokens} tokens",
-                          trained_length=base.original_max_position_embeddings)
-    print_fn(f"results: {paths}\nplot: {png}")
+    if parallel.is_main():
+        paths = _write(out, record)
+        png = plot_perplexity(results, f"{out}.png", title=f"{model}: perplexity of the last {score_tokens} tokens",
+                              trained_length=base.original_max_position_embeddings)
+        print_fn(f"results: {paths}\nplot: {png}")
     return record
 
 
@@ -113,17 +136,20 @@ def run_passkey(model: str = "smollm2", method: str = "longrope", factors: Optio
                 lengths: Sequence[int] = (16384,), target: Optional[int] = None,
                 depths: Sequence[float] = (0.1, 0.5, 0.9), trials: int = 1, mode: str = "score", seed: int = 0,
                 out: str = "longrope-passkey", backend: str = "auto", print_fn=print) -> dict:
-    """Passkey accuracy of one method by length x depth; writes ``<out>.json`` and a heat-map PNG."""
+    """Passkey accuracy of one method by length x depth; writes ``<out>.json`` and a heat-map PNG.
+    Under ``torchrun`` the trials are split over the ranks; rank 0 prints and writes."""
+    from .. import parallel
     from .common import load_model, model_base_config
     from .passkey import accuracy_table, passkey_retrieval
     from .plots import format_table, plot_passkey_heatmap
 
+    print_fn = parallel.main_only(print_fn)
     default_sets = {"longrope": "smollm2-135m-16k", "longrope2": "smollm2-135m-16k-longrope2"}
     sets = {method: factors or default_sets.get(method)}
     precheck([method], lengths, sets)
     if any(not 0 <= d <= 1 for d in depths):
         raise ValueError("depths must be in [0, 1]")
-    mdl, tok = load_model(model)
+    mdl, tok = load_model(model, device=parallel.device())
     base = model_base_config(mdl)
     trials_out = []
     for length in lengths:
@@ -133,15 +159,16 @@ def run_passkey(model: str = "smollm2", method: str = "longrope", factors: Optio
             print_fn(f"{method:<10} {t.length:>7}  depth {t.depth:4.0%}  key {t.key}  got {t.answer!r:>9}  "
                      f"{'OK' if t.correct else 'miss'}", flush=True)
         trials_out += passkey_retrieval(mdl, tok, [length], depths, trials, cfg, seed=seed + length, mode=mode,
-                                        backend=backend, progress=True, on_trial=show)
+                                        backend=backend, progress=parallel.is_main(), on_trial=show)
     acc = accuracy_table(trials_out)
     print_fn("\n" + format_table(["length", "depth", "accuracy"], [[n, f"{d:.0%}", a] for (n, d), a in acc.items()]))
     record = {"model": model, "method": method, "factors": sets.get(method), "mode": mode, "trials": trials,
               "accuracy": [{"length": n, "depth": d, "accuracy": a} for (n, d), a in acc.items()],
               "results": [t.__dict__ for t in trials_out], "provenance": provenance()}
-    paths = _write(out, record)
-    png = plot_passkey_heatmap(acc, f"{out}.png", title=f"{model} / {method}: passkey retrieval")
-    print_fn(f"results: {paths}\nplot: {png}")
+    if parallel.is_main():
+        paths = _write(out, record)
+        png = plot_passkey_heatmap(acc, f"{out}.png", title=f"{model} / {method}: passkey retrieval")
+        print_fn(f"results: {paths}\nplot: {png}")
     return record
 
 

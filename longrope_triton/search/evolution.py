@@ -12,6 +12,12 @@ Algorithm (LongRoPE paper, Alg. 1; defaults of DESIGN §5)::
 Lower fitness is better (perplexity). Candidates already evaluated (or already generated in the
 same generation) are skipped: a duplicate is redrawn up to ``max_redraws`` times, then dropped.
 
+Ranks (``torchrun``, see :mod:`longrope_triton.parallel`): each generation's candidates that
+are not in the log are split over the ranks (round-robin, in rounds of one candidate per rank)
+and their fitness values gathered, so every rank holds the same population; rank 0 alone reads
+the log (the others receive its records) and writes it, in the order one process would. A log
+is the same, and resumes the same, whatever the number of ranks.
+
 Resumability: every evaluation is appended to the log as one JSON line and flushed + fsynced
 before the next one starts. Generation g draws its candidates from ``random.Random`` seeded by
 ``(seed, g)`` alone, and the population it breeds from is a deterministic function of the
@@ -35,6 +41,7 @@ import random
 import time
 from typing import Callable, Optional
 
+from .. import parallel
 from ..config import LongRoPEConfig
 from .space import Candidate, SearchSpace, finite_or_inf
 
@@ -276,7 +283,10 @@ def evolution_search(fitness: Callable[[LongRoPEConfig], float], space: SearchSp
     params = params or SearchParams()
     header = {"format": LOG_FORMAT, "method": method, "fitness": _describe(fitness),
               "space": space.describe(), "params": params.to_dict()}
-    log = SearchLog(log_path, header)
+    # rank 0 alone reads, repairs and appends to the file; the other ranks hold a copy of its records
+    log = parallel.from_main(lambda: SearchLog(log_path, header))
+    if not parallel.is_main():
+        log.path = None
     history: set = set()
     evaluations: list = []
     resumed = 0
@@ -286,19 +296,24 @@ def evolution_search(fitness: Callable[[LongRoPEConfig], float], space: SearchSp
         total = params.population + params.iterations * (params.mutations + params.crossovers)
         bar = tqdm(total=total, desc=f"{method} search", unit="cand", dynamic_ncols=True)
 
+    def score(cand: Candidate) -> tuple:
+        start = time.perf_counter()
+        return finite_or_inf(fitness(space.to_config(cand))), time.perf_counter() - start
+
     def evaluate(generation: int, batch: list) -> list:
         nonlocal resumed
+        known = [log.lookup(generation, index, cand) for index, (cand, _) in enumerate(batch)]
+        # the candidates missing from the log, split over the ranks; results come back in order
+        computed = parallel.imap(score, [cand for (cand, _), record in zip(batch, known) if record is None])
         out = []
-        for index, (cand, origin) in enumerate(batch):
-            record = log.lookup(generation, index, cand)
+        for index, ((cand, origin), record) in enumerate(zip(batch, known)):
             if record is not None:
                 ev = Evaluation(generation, index, cand, float(record["fitness"]), float(record.get("seconds", 0)),
                                 origin)
                 resumed += 1
             else:
-                start = time.perf_counter()
-                value = finite_or_inf(fitness(space.to_config(cand)))
-                ev = Evaluation(generation, index, cand, value, time.perf_counter() - start, origin)
+                value, seconds = next(computed)
+                ev = Evaluation(generation, index, cand, value, seconds, origin)
                 log.add(ev)
             out.append(ev)
             evaluations.append(ev)

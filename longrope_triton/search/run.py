@@ -9,6 +9,7 @@ import json
 import pathlib
 from typing import Optional
 
+from .. import parallel
 from ..config import LongRoPEConfig
 from .evolution import SearchParams, SearchResult, evolution_search
 from .space import SearchSpace, extension_template, longrope2_space
@@ -80,19 +81,22 @@ def run_search(model: str = "smollm2", text: str = "austen:search", target: int 
 
     The fitness is perplexity of the last ``score_tokens`` tokens of ``windows`` windows of
     ``length`` (default: target) tokens of ``text`` (LongRoPE), or needle-driven perplexity on
-    ``needle_samples`` samples (LongRoPE2).
+    ``needle_samples`` samples (LongRoPE2). Under ``torchrun`` each rank runs this on its own
+    device and the candidates are split over the ranks (:func:`evolution_search`).
     """
     from ..eval.common import load_model, load_texts, model_base_config
     from ..eval.perplexity import tokenize_documents
     from .evolution import SearchLog
     from .fitness import NeedleFitness, PerplexityFitness
 
+    # under torchrun only rank 0 prints, shows progress and writes files (see longrope_triton.parallel)
+    print_fn, progress = parallel.main_only(print_fn), progress and parallel.is_main()
     # cheap checks first: a bad log, text or factors file fails before the model is loaded
     if log:
-        SearchLog.validate(log)
+        parallel.from_main(lambda: SearchLog.validate(log))
     texts = load_texts(text)
     prev_cfg = LongRoPEConfig.from_json(previous) if previous else None
-    mdl, tok = load_model(model)
+    mdl, tok = load_model(model, device=parallel.device())
     base = model_base_config(mdl)
     space = build_space(base, target, method, prev_cfg, short, start_token_choices, upper=upper)
     eval_length = length or (base.original_max_position_embeddings if short else target)
@@ -119,7 +123,7 @@ def run_search(model: str = "smollm2", text: str = "austen:search", target: int 
     summary = {"method": method, "target": target, "fitness": result.fitness, "seeds": result.seed_fitness(),
                "evaluations": len(result.evaluations), "resumed": result.resumed, "generations": result.generations,
                "stopped_early": result.stopped_early, "log": log}
-    if output:
+    if output and parallel.is_main():
         summary.update(write_outputs(result, output, {k: v for k, v in summary.items() if k != "log"}))
     print_fn(json.dumps(summary, indent=2))
     return result
