@@ -239,9 +239,13 @@ def _attention(provider: str, case: Case, x: Inputs, device) -> Runnable:
     if provider == "ours":
         forward = lambda: fused_rope_attention(q, k, v, cfg, position_ids=x.q_pos, causal=case.causal,  # noqa
                                                k_is_rotated=decode)
-    elif provider == "ours_prerotated_k":
-        forward = lambda: fused_rope_attention(q, k, v, cfg, position_ids=x.q_pos, causal=case.causal,  # noqa
-                                               return_rotated_k=True)[0]
+    elif provider == "sdpa_flash_norope":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def forward():
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, scale=scale,
+                                                      enable_gqa=case.q_heads != case.kv_heads)
     elif provider == "ours_norope":
         args = rope_args(cfg)
         forward = lambda: _attention_op(q, k, v, None, None, None, None, case.causal, scale, None,  # noqa

@@ -114,9 +114,9 @@ PROVIDERS = {p.name: p for p in [
     Provider("flash_attn", ("rotary",), "flash-attn Triton rotary (flash_attn.layers.rotary.apply_rotary_emb), "
              "cos/sin tables precomputed", rope="plain RoPE (flash-attn has no LongRoPE)", requires=("flash_attn",)),
     # attention
-    Provider("ours_prerotated_k", ("attention",),
-             "longrope_triton: rotary kernel on K once, then attention with k_is_rotated=True "
-             "(fused_rope_attention(..., return_rotated_k=True))"),
+    Provider("sdpa_flash_norope", ("attention",),
+             "scaled_dot_product_attention, SDPBackend.FLASH_ATTENTION, on q and k without any rotation: "
+             "PyTorch's attention floor", rope="none"),
     Provider("ours_norope", ("attention", "decode"),
              "longrope_triton attention kernel with rotation disabled (rotate_q=rotate_k=False): the cost "
              "floor that the fused rotation is measured against", rope="none"),
@@ -224,7 +224,7 @@ def quick_plan() -> list[Item]:
         for b, s in TARGET_ATTN_SHAPES:
             items.append(Item(_attn(mode, dtype, b, s), _no_compile(ATTENTION_PROVIDERS), ("attn_seq",)))
     items.append(Item(_attn("fwd+bwd", dtype, *TARGET_MEMORY_SHAPE),
-                      ("ours", "ours_prerotated_k", "eager_sdpa_flash", "eager_sdpa_cudnn"), ("attn_seq",)))
+                      ("ours", "ours_norope", "eager_sdpa_flash", "eager_sdpa_cudnn"), ("attn_seq",)))
     for sk in (32 * K, 128 * K):
         items.append(Item(_decode(dtype, 4, sk), ("ours", "ours_norope", "eager_sdpa_flash"), ("decode",)))
     for mode in MODES:
@@ -249,7 +249,7 @@ def cpu_smoke_plan() -> list[Item]:
         Item(_rotary("fwd+bwd", "fp16", 1, 128, 4, 2, 64), short_r, ("rotary_seq",)),
         Item(_attn("fwd", "bf16", 2, 64, 4, 2, 64), short_a, ("attn_seq",)),
         Item(_attn("fwd", "bf16", 1, 128, 4, 2, 64), ATTENTION_PROVIDERS, ("attn_seq",)),
-        Item(_attn("fwd+bwd", "fp16", 1, 128, 4, 2, 64), short_a + ("ours_prerotated_k",), ("attn_seq",)),
+        Item(_attn("fwd+bwd", "fp16", 1, 128, 4, 2, 64), short_a + ("sdpa_flash_norope",), ("attn_seq",)),
         Item(_attn("fwd", "fp16", 1, 128, 4, 2, 64, causal=False), short_a, ("attn_noncausal",)),
         Item(_decode("bf16", 2, 128, 4, 2, 64), short_a, ("decode",)),
         Item(_decode("bf16", 2, 256, 4, 2, 64), short_a, ("decode",)),

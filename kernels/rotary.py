@@ -104,7 +104,8 @@ def store_block(p_y, b_y, o_s, m_s, stride_s, stride_d, o_d, m_d):
 @triton.jit
 def positions_cos_sin(p_pos, o_s, m_s, stride_ps, p_tab, tab_rows, start_token, regime_set, o_f, m_f,
                       HALF: tl.constexpr):
-    """cos/sin blocks for the positions of rows o_s (n_hat bypass included)."""
+    """cos/sin blocks for the positions of rows o_s (n_hat bypass included); regime_set: the
+    [BLOCK] table sets of the rows."""
     b_pos = tl.load(p_pos + o_s * stride_ps, mask=m_s, other=0).to(tl.int32)
     return rope_cos_sin(p_tab, tab_rows, b_pos, table_set(b_pos, start_token, regime_set), o_f, m_f, HALF)
 
@@ -138,15 +139,15 @@ def _rotate_heads(p_x, p_y, N_HEADS, b_cos, b_sin, o_s, m_s, o_f, m_f, o_p, m_p,
 
 @triton.jit
 def rotary_kernel(
-    p_q, p_k, p_q_out, p_k_out, p_pos, p_tab,
+    p_q, p_k, p_q_out, p_k_out, p_pos, p_set, p_tab,
     # runtime scalars
-    tab_rows, regime_set, start_token, SEQ, HEAD_DIM, N_HQ, N_HK,
-    # strides (batch, head, seq, dim) of q, k, their outputs; (batch, seq) of positions
+    tab_rows, start_token, SEQ, HEAD_DIM, N_HQ, N_HK,
+    # strides (batch, head, seq, dim) of q, k, their outputs; (batch, seq) of positions and of table sets
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_qob, stride_qoh, stride_qos, stride_qod,
     stride_kob, stride_koh, stride_kos, stride_kod,
-    stride_pb, stride_ps,
+    stride_pb, stride_ps, stride_setb, stride_sets,
     # meta-parameters
     ROTARY_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, INT64: tl.constexpr,
@@ -154,7 +155,10 @@ def rotary_kernel(
     """Rotate q and k in one launch. Grid: (cdiv(SEQ, BLOCK_S), batch).
 
     cos/sin are computed once per (batch, seq block) and reused for all q and k heads,
-    which is what keeps this memory-bound kernel at copy bandwidth.
+    which is what keeps this memory-bound kernel at copy bandwidth. The table set (1 short,
+    2 long) is read per row: one regime per batch row (stride 0 along seq), or per packed
+    sequence. Outputs may differ from the inputs in dtype (the backward reads fp32 gradients)
+    and may alias them (every element is read before it is written, by the same program).
     """
     i_s, i_b = tl.program_id(0), widen(tl.program_id(1), INT64)
     HALF: tl.constexpr = ROTARY_DIM // 2
@@ -163,8 +167,9 @@ def rotary_kernel(
     m_s = o_s < SEQ
     o_s = widen(o_s, INT64)  # row offsets (row x stride); the mask above stays int32
     o_f, m_f, o_p, m_p, _, _ = head_dim_offsets(HEAD_DIM, ROTARY_DIM, BLOCK_HALF, BLOCK_PASS, BLOCK_HALF)
+    b_set = tl.load(p_set + i_b * stride_setb + o_s * stride_sets, mask=m_s, other=0)
     b_cos, b_sin = positions_cos_sin(p_pos + i_b * stride_pb, o_s, m_s, stride_ps, p_tab, tab_rows, start_token,
-                                     regime_set, o_f, m_f, HALF)
+                                     b_set, o_f, m_f, HALF)
     _rotate_heads(p_q + i_b * stride_qb, p_q_out + i_b * stride_qob, N_HQ, b_cos, b_sin, o_s, m_s, o_f, m_f,
                   o_p, m_p, stride_qh, stride_qs, stride_qd, stride_qoh, stride_qos, stride_qod,
                   HALF, HAS_PASS, INTERLEAVED, CONJUGATE, INT64)

@@ -57,3 +57,18 @@ def kernel_errors(name: str):
             msg = first[-1] if first else type(exc).__name__
             raise RuntimeError(f"longrope_triton: the {name} kernel failed to compile: {msg}") from None
         raise
+
+
+def launch(name: str, kernel, grid, args, meta: dict, tuned=None, interpret_meta=None):
+    """Launch a Triton kernel: the autotuned version when compiled (if given), fixed meta-parameters
+    (interpret_meta) under the interpreter, which cannot time configs. The offset width (INT64) is
+    chosen here from the tensors of the launch. The one place kernels are launched, so that
+    scripts/compile_check.py can record every launch and compile it as the runtime would."""
+    meta = {**meta, "INT64": needs_int64(args)}
+    with kernel_errors(name), torch.device(args[0].device):
+        if tuned is None:
+            kernel[grid](*args, **meta, **LAUNCH_OPTIONS)
+        elif triton_interpret():
+            kernel[grid(interpret_meta)](*args, **meta, **interpret_meta, **LAUNCH_OPTIONS)
+        else:
+            tuned[grid](*args, **meta, **LAUNCH_OPTIONS)

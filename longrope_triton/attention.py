@@ -15,15 +15,15 @@ import torch.nn.functional as F
 import triton
 
 from . import reference
-from ._dispatch import LAUNCH_OPTIONS, kernel_errors, needs_int64, triton_interpret, use_kernel
+from . import _dispatch
+from ._dispatch import use_kernel
 from ._validation import (check_config, check_gqa, check_heads, check_position_range, check_positions,
                           check_same, check_seq_len)
 from .config import LongRoPEConfig
-from .rotary import _rotary_op, compute_dtype, config_from_args, resolve_positions, rope_args
+from .rotary import compute_dtype, config_from_args, launch_rotary, regime_sets, resolve_positions, rope_args
 from .kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                     attention_bwd_preprocess_kernel)
 from .kernels.attention_fwd import attention_fwd_kernel
-from .rotary import rope_tables
 from .tables import SET_LONG, SET_SHORT
 
 # Query rows per chunk of the PyTorch path: bounds its memory at ~chunk x Sk scores per head.
@@ -52,7 +52,8 @@ def _segment_max(pos: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 class _Plan:
     """Everything the kernels and the PyTorch path need besides q, k, v: validated int64
-    positions, the table set of each sequence (1 short, 2 long) and the sequence bounds."""
+    positions, the table set (1 short, 2 long) of each sequence and of each q and k row,
+    the sequence bounds, and whether q and k share their positions (one conjugate launch)."""
 
     def __init__(self, cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len):
         batch, _, sq, _ = q.shape
@@ -72,18 +73,25 @@ class _Plan:
             ends = torch.maximum(_segment_max(self.q_pos, cu_seqlens_q), _segment_max(self.k_pos, cu_seqlens_k))
             if seq_len is not None:
                 ends = torch.full_like(ends, seq_len)
-            self.seq_sets = torch.where(ends > cfg.original_max_position_embeddings, SET_LONG, SET_SHORT)
+            self.seq_sets = torch.where(ends > cfg.original_max_position_embeddings, SET_LONG, SET_SHORT).int()
             self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
             self.n_seqs = len(lens_q)
             self.max_q, self.max_k = int(lens_q.max()), int(lens_k.max())
+            self.q_sets = self.seq_sets.repeat_interleave(lens_q, output_size=sq)[None]
+            self.k_sets = self.seq_sets.repeat_interleave(lens_k, output_size=sk)[None]
+            self.shared_positions = (position_ids is None and kv_position_ids is None
+                                     and cu_seqlens_q is cu_seqlens_k)
         else:
             self.q_pos, end_q = resolve_positions(cfg, position_ids, batch, sq, q.device, start=sk - sq)
             self.k_pos, end_k = resolve_positions(cfg, kv_position_ids, batch, sk, q.device)
             self.max_position = max(end_q, end_k) - 1
             long = cfg.use_long(max(end_q, end_k) if seq_len is None else seq_len)
-            self.seq_sets = torch.full((batch,), SET_LONG if long else SET_SHORT, device=q.device)
+            self.seq_sets = torch.full((batch,), SET_LONG if long else SET_SHORT, dtype=torch.int32,
+                                       device=q.device)
+            self.q_sets, self.k_sets = regime_sets(long, batch, sq, q.device), regime_sets(long, batch, sk, q.device)
             self.cu_q = self.cu_k = None
             self.n_seqs, self.max_q, self.max_k = batch, sq, sk
+            self.shared_positions = sq == sk and position_ids is kv_position_ids
 
     def sequences(self):
         """(batch index, q slice, k slice, long?) for every sequence, for the PyTorch path."""
@@ -115,172 +123,211 @@ def _torch_sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:
     return out
 
 
-def _torch_sequence(q, k, v, cfg, plan, b, qs, ks, long, rotate_q, rotate_k):
-    """One sequence's q, k, v in compute_dtype, rotated as asked, with the cos/sin used (None if not)."""
-    dtype = compute_dtype(q.dtype)
-    qb, kb, vb = q[b:b + 1, :, qs].to(dtype), k[b:b + 1, :, ks].to(dtype), v[b:b + 1, :, ks].to(dtype)
-    q_trig = k_trig = None
-    if rotate_q:
-        q_trig = [t.to(dtype) for t in reference.rope_cos_sin(cfg, plan.q_pos[min(b, len(plan.q_pos) - 1), qs], long)]
-        qb = reference.rotate(qb, *q_trig, cfg)
-    if rotate_k:
-        k_trig = [t.to(dtype) for t in reference.rope_cos_sin(cfg, plan.k_pos[min(b, len(plan.k_pos) - 1), ks], long)]
-        kb = reference.rotate(kb, *k_trig, cfg)
-    return qb, kb, vb, q_trig, k_trig
+def _torch_trig(cfg, pos_row: torch.Tensor, long: bool, dtype):
+    """cos/sin (float64 angles) of one sequence's positions, in the PyTorch path's compute dtype."""
+    return [t.to(dtype) for t in reference.rope_cos_sin(cfg, pos_row, long)]
+
+
+def _torch_rotate_into(out, x, cfg, plan, pos, long, b, rows, conjugate=False):
+    """Rotate one sequence's rows of x (compute dtype) and write them, rounded, into out."""
+    dtype = compute_dtype(x.dtype)
+    trig = _torch_trig(cfg, pos[min(b, len(pos) - 1), rows], long, dtype)
+    out[b:b + 1, :, rows] = reference.rotate(x[b:b + 1, :, rows].to(dtype), *trig, cfg, conjugate).to(out.dtype)
 
 
 def torch_attention(q, k, v, cfg: LongRoPEConfig, plan: _Plan, causal: bool, scale: float,
-                    rotate_q: bool, rotate_k: bool) -> torch.Tensor:
-    """PyTorch path: float64 angles, rotation and attention in compute_dtype, output in q.dtype."""
+                    rotate_q: bool, rotate_k: bool):
+    """PyTorch path with the kernels' convention: q and k rotated once (float64 angles) and rounded
+    to the input dtype, then attention in compute_dtype. Returns (out, q_rot, k_rot)."""
+    dtype = compute_dtype(q.dtype)
+    q_rot = torch.empty_like(q) if rotate_q else q
+    k_rot = torch.empty_like(k) if rotate_k else k
     out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     for b, qs, ks, long in plan.sequences():
-        qb, kb, vb, _, _ = _torch_sequence(q, k, v, cfg, plan, b, qs, ks, long, rotate_q, rotate_k)
+        if rotate_q:
+            _torch_rotate_into(q_rot, q, cfg, plan, plan.q_pos, long, b, qs)
+        if rotate_k:
+            _torch_rotate_into(k_rot, k, cfg, plan, plan.k_pos, long, b, ks)
+        qb, kb, vb = (t[b:b + 1, :, rows].to(dtype) for t, rows in ((q_rot, qs), (k_rot, ks), (v, ks)))
         out[b:b + 1, :, qs] = _torch_sdpa(qb, kb, vb, causal, scale).to(q.dtype)
-    return out
+    return out, q_rot, k_rot
 
 
-def torch_attention_backward(grad_out, q, k, v, cfg: LongRoPEConfig, plan: _Plan, causal: bool, scale: float,
-                             rotate_q: bool, rotate_k: bool):
-    """PyTorch-path gradients (the FlashAttention-2 formulas, chunked over query rows):
-    dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q in the rotated
-    space, then the conjugate rotation back; GQA gradients summed over each group."""
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    group = q.shape[1] // k.shape[1]
+def torch_attention_backward(grad_out, q_rot, k_rot, v, cfg: LongRoPEConfig, plan: _Plan, causal: bool,
+                             scale: float, rotate_q: bool, rotate_k: bool):
+    """PyTorch-path gradients (the FlashAttention-2 formulas, chunked over query rows) on the rotated
+    operands: dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q in the
+    rotated space, then the conjugate rotation back; GQA gradients summed over each group."""
+    dtype = compute_dtype(q_rot.dtype)
+    dq, dk, dv = torch.zeros_like(q_rot), torch.zeros_like(k_rot), torch.zeros_like(v)
+    dq_rot = torch.zeros(q_rot.shape, dtype=dtype, device=q_rot.device)
+    dk_rot = torch.zeros(k_rot.shape, dtype=dtype, device=k_rot.device)
+    group = q_rot.shape[1] // k_rot.shape[1]
+    fold = lambda t: t.unflatten(1, (-1, group)).sum(2)  # noqa: E731 - sum each GQA group
     for b, qs, ks, long in plan.sequences():
-        qb, kb, vb, q_trig, k_trig = _torch_sequence(q, k, v, cfg, plan, b, qs, ks, long, rotate_q, rotate_k)
-        kb, vb = kb.repeat_interleave(group, 1), vb.repeat_interleave(group, 1)
-        dob = grad_out[b:b + 1, :, qs].to(qb.dtype)
+        qb = q_rot[b:b + 1, :, qs].to(dtype)
+        kb, vb = (t[b:b + 1, :, ks].to(dtype).repeat_interleave(group, 1) for t in (k_rot, v))
+        dob = grad_out[b:b + 1, :, qs].to(dtype)
         sq, sk = qb.shape[2], kb.shape[2]
-        dqb, dkb, dvb = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
         rows = max(16, (1 << 24) // max(1, sk * qb.shape[1]))
         for a in range(0, sq, rows):
             e = min(a + rows, sq)
             s = torch.matmul(qb[:, :, a:e], kb.transpose(-1, -2)) * scale
             if causal:
-                s = s.masked_fill(~reference.causal_mask(sq, sk, q.device)[a:e], float("-inf"))
+                s = s.masked_fill(~reference.causal_mask(sq, sk, q_rot.device)[a:e], float("-inf"))
             p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
             do_c = dob[:, :, a:e]
             delta = (do_c * torch.matmul(p, vb)).sum(-1, keepdim=True)
             dvb += torch.matmul(p.transpose(-1, -2), do_c)
             ds = p * (torch.matmul(do_c, vb.transpose(-1, -2)) - delta)
-            dqb[:, :, a:e] = torch.matmul(ds, kb) * scale
+            dq_rot[b:b + 1, :, qs][:, :, a:e] = torch.matmul(ds, kb) * scale
             dkb += torch.matmul(ds.transpose(-1, -2), qb[:, :, a:e]) * scale
-        if rotate_q:
-            dqb = reference.rotate(dqb, *q_trig, cfg, conjugate=True)
-        if rotate_k:
-            dkb = reference.rotate(dkb, *k_trig, cfg, conjugate=True)
-        fold = lambda t: t.unflatten(1, (-1, group)).sum(2)  # noqa: E731 - sum each GQA group
-        dq[b:b + 1, :, qs] = dqb.to(q.dtype)
-        dk[b:b + 1, :, ks] = fold(dkb).to(k.dtype)
+        dk_rot[b:b + 1, :, ks] = fold(dkb)
         dv[b:b + 1, :, ks] = fold(dvb).to(v.dtype)
+        for grad_rot, grad, pos, rows, rotate in ((dq_rot, dq, plan.q_pos, qs, rotate_q),
+                                                  (dk_rot, dk, plan.k_pos, ks, rotate_k)):
+            if rotate:
+                _torch_rotate_into(grad, grad_rot, cfg, plan, pos, long, b, rows, conjugate=True)
+            else:
+                grad[b:b + 1, :, rows] = grad_rot[b:b + 1, :, rows].to(grad.dtype)
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------- Triton launchers
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for narrow rows (q/k split + v at most
-# 256 two-byte elements: head_dim <= 128) and wide rows (head_dim 256, wide partial rotary,
-# fp32). Each fits the 227 KB of shared memory of an H100 block: sizes measured with
-# scripts/compile_check.py (bf16, sm_90).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and row class (the bytes of one q, k or v
+# row: BLOCK_D x element size). With rotation out of the loops these are plain FlashAttention-2
+# kernels; every tile listed compiles for sm_90 with no register spill and within the shared
+# memory of an H100 block, and tests/test_compile_budget.py keeps it that way
+# (scripts/compile_check.py, docs/kernels.md).
 _TILES = {
-    "fwd": {"narrow": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)],
-            "wide": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]},
-    "dkdv": {"narrow": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-             "wide": [(32, 64, 4, 2), (32, 32, 4, 1)]},
-    "dq": {"narrow": [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
-           "wide": [(32, 64, 4, 2), (32, 32, 4, 1)]},
+    "fwd": {128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+            256: [(128, 64, 8, 3), (128, 64, 8, 2)],
+            512: [(32, 64, 4, 2)],
+            1024: [(16, 32, 4, 2)]},
+    "dkdv": {128: [(32, 128, 8, 3), (16, 128, 8, 2)],
+             256: [(16, 128, 8, 2), (64, 32, 8, 2)],
+             512: [(32, 32, 8, 2), (16, 32, 8, 1)],
+             1024: [(16, 16, 4, 2)]},
+    "dq": {128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+           256: [(128, 64, 8, 2), (64, 64, 8, 2)],
+           512: [(32, 64, 8, 2), (64, 32, 8, 2)],
+           1024: [(16, 32, 4, 2)]},
 }
 
 
-def _row_class(args) -> str:
-    """'narrow' or 'wide': the bytes of one q/k row (split) plus one v row."""
-    elements = 2 * args["BLOCK_HALF"] + args["BLOCK_PASS"] + args["BLOCK_DV"]
-    return "narrow" if elements * args["p_q"].element_size() <= 512 else "wide"
+def row_class(block_d: int, element_size: int) -> int:
+    """The tile class of a launch: bytes of one row, rounded up to a class of _TILES."""
+    return max(128, min(1024, block_d * element_size))
 
 
-def _autotuned(kernel, tiles):
+def _autotuned(kernel, tiles, key):
     """The kernel autotuned over its tiles; launch-time pruning keeps those of the row class."""
     configs = {cls: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in t]
                for cls, t in tiles.items()}
 
     def keep_row_class(all_configs, named_args, **kwargs):
-        return configs[_row_class({**named_args, **kwargs})]
+        args = {**named_args, **kwargs}
+        return configs[row_class(args["BLOCK_D"], args["p_q"].element_size())]
 
-    return triton.autotune([c for cs in configs.values() for c in cs], key=_TUNE_KEY,
+    return triton.autotune([c for cs in configs.values() for c in cs], key=key,
                            prune_configs_by={"early_config_prune": keep_row_class})(kernel)
 
 
-_TUNE_KEY = ["ROTARY_DIM", "BLOCK_PASS", "BLOCK_DV", "CAUSAL", "ROTATE_K", "IS_VARLEN"]
-_fwd_tuned = _autotuned(attention_fwd_kernel, _TILES["fwd"])
-_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"])
-_dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"])
+# Keys are constexpr dims and flags only (sequence lengths are not specialized either), so a new
+# length never retunes or recompiles; the dtype is part of Triton's own cache key.
+_fwd_tuned = _autotuned(attention_fwd_kernel, _TILES["fwd"], ["BLOCK_D", "CAUSAL", "IS_VARLEN"])
+_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"], ["BLOCK_D", "CAUSAL", "IS_VARLEN"])
+_dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"], ["BLOCK_D", "CAUSAL", "IS_VARLEN"])
 # The interpreter cannot time configs: it runs one fixed tile, small enough to exercise edges.
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
 def _launch(name, kernel, tuned, grid, args, meta):
-    """Run a kernel: autotuned when compiled, fixed tiles under the interpreter."""
-    meta = {**meta, "INT64": needs_int64(args)}
-    with kernel_errors(name), torch.device(args[0].device):
-        if triton_interpret():
-            kernel[grid(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS, **LAUNCH_OPTIONS)
-        else:
-            tuned[grid](*args, **meta, **LAUNCH_OPTIONS)
+    _dispatch.launch(name, kernel, grid, args, meta, tuned=tuned, interpret_meta=_INTERPRET_BLOCKS)
 
 
-def _kernel_meta(q, cfg, causal, rotate_q, rotate_k, plan):
-    pass_dim = cfg.head_dim - cfg.rotary_dim
-    return dict(ROTARY_DIM=cfg.rotary_dim, BLOCK_HALF=max(16, triton.next_power_of_2(cfg.rotary_dim // 2)),
-                BLOCK_PASS=max(16, triton.next_power_of_2(pass_dim)) if pass_dim else 0,
-                BLOCK_DV=max(16, triton.next_power_of_2(cfg.head_dim)), CAUSAL=causal,
-                INTERLEAVED=cfg.interleaved, ROTATE_Q=rotate_q, ROTATE_K=rotate_k, IS_VARLEN=plan.varlen,
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _common_meta(q, causal, plan):
+    return dict(BLOCK_D=_block_d(q.shape[-1]), CAUSAL=causal, IS_VARLEN=plan.varlen,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _shared_args(cfg, plan, q, k):
-    """Pointers and scalars common to the forward and backward kernels (after the tensors)."""
-    tables = rope_tables(cfg, q.device)
-    cu_q = plan.cu_q if plan.varlen else plan.seq_sets
-    cu_k = plan.cu_k if plan.varlen else plan.seq_sets
-    return (plan.q_pos, plan.k_pos, tables, plan.seq_sets.to(torch.int32), cu_q, cu_k), (
-        tables.shape[2], cfg.start_token, q.shape[2], k.shape[2], cfg.head_dim, q.shape[1] // k.shape[1])
+def _bounds(plan):
+    """cu_seqlens pointers (any int tensor when not packed: the kernels do not read them)."""
+    return (plan.cu_q, plan.cu_k) if plan.varlen else (plan.seq_sets, plan.seq_sets)
+
+
+def rotate_once(q, k, cfg, plan, rotate_q, rotate_k, conjugate=False, q_out=None, k_out=None):
+    """q and k rotated by the rotary kernel (O(N d), once per token) with the plan's positions and
+    table sets: one launch when they share positions (self-attention), else one each. Inputs that
+    are not rotated come back as they are (or copied into the given output)."""
+    if rotate_q and rotate_k and plan.shared_positions:
+        return launch_rotary(q, k, plan.q_pos, plan.q_sets, cfg, conjugate, q_out, k_out)
+    if rotate_q:
+        q = launch_rotary(q, q[:, :0], plan.q_pos, plan.q_sets, cfg, conjugate, q_out)[0]
+    elif q_out is not None and q_out is not q:
+        q = q_out.copy_(q)
+    if rotate_k:
+        k = launch_rotary(k[:, :0], k, plan.k_pos, plan.k_sets, cfg, conjugate, k_out=k_out)[1]
+    elif k_out is not None and k_out is not k:
+        k = k_out.copy_(k)
+    return q, k
 
 
 def attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k):
-    """Triton forward: (out, lse) with out in q's layout and dtype, lse float32 (B, Hq, Sq), base 2."""
+    """Triton forward: (out, lse, q_rot, k_rot). out in q's layout and dtype; lse float32 (B, Hq, Sq),
+    base 2 of the scaled scores; q_rot / k_rot the rotated inputs (what the backward reads and a KV
+    cache stores), each an empty tensor when that input is not rotated."""
+    q_rot, k_rot = rotate_once(q, k, cfg, plan, rotate_q, rotate_k)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    pointers, scalars = _shared_args(cfg, plan, q, k)
-    args = (q, k, v, out, lse, *pointers, softmax_scale * 1.4426950408889634, *scalars,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            *plan.q_pos.stride(), *plan.k_pos.stride())
-    grid = lambda meta: (triton.cdiv(plan.max_q, meta["BLOCK_M"]), plan.n_seqs, q.shape[1])  # noqa: E731
-    _launch("attention forward", attention_fwd_kernel, _fwd_tuned, grid, args,
-            _kernel_meta(q, cfg, causal, rotate_q, rotate_k, plan))
-    return out, lse
+    args = (q_rot, k_rot, v, out, lse, *_bounds(plan), softmax_scale * 1.4426950408889634, q.shape[2], k.shape[2],
+            cfg.head_dim, q.shape[1] // k.shape[1],
+            *q_rot.stride(), *k_rot.stride(), *v.stride(), *out.stride(), *lse.stride())
+    grid = lambda m: (triton.cdiv(plan.max_q, m["BLOCK_M"]), plan.n_seqs, q.shape[1])  # noqa: E731
+    _launch("attention forward", attention_fwd_kernel, _fwd_tuned, grid, args, _common_meta(q, causal, plan))
+    return out, lse, q_rot if rotate_q else q.new_empty(0), k_rot if rotate_k else q.new_empty(0)
 
 
-def attention_backward(grad_out, q, k, v, out, lse, cfg, plan, causal, softmax_scale, rotate_q, rotate_k):
-    """Triton backward: (dq, dk, dv) in the inputs' layouts and dtypes."""
-    batch, n_hq, sq, head_dim = q.shape
-    delta = torch.empty((batch, n_hq, sq), dtype=torch.float32, device=q.device)
-    block_dv = max(16, triton.next_power_of_2(head_dim))
-    with kernel_errors("attention backward preprocess"), torch.device(q.device):
-        attention_bwd_preprocess_kernel[(triton.cdiv(sq, 64), batch, n_hq)](
-            out, grad_out, delta, sq, head_dim, *out.stride(), *grad_out.stride(), BLOCK_M=64, BLOCK_DV=block_dv,
-            INT64=needs_int64((out, grad_out, delta)), **LAUNCH_OPTIONS)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    pointers, scalars = _shared_args(cfg, plan, q, k)
-    meta = _kernel_meta(q, cfg, causal, rotate_q, rotate_k, plan)
-    common_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    tail = (*lse.stride(), *plan.q_pos.stride(), *plan.k_pos.stride())
-    dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, *pointers, softmax_scale, *scalars, n_hq, sq,
-                 *common_strides, *dk.stride(), *dv.stride(), *tail)
+def _gradient_buffer(x, rotated: bool):
+    """Where a dq/dk kernel writes: the gradient itself when no rotation follows, else an fp32
+    buffer the conjugate pass reads (in place for fp32), so the gradient is rounded once."""
+    grad = torch.empty_like(x)
+    if rotated and x.dtype != torch.float32:
+        return grad, torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return grad, grad
+
+
+def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal, softmax_scale,
+                       rotate_q, rotate_k):
+    """Triton backward on the rotated operands: (dq, dk, dv) in the inputs' layouts and dtypes.
+    grad_k_rot: the gradient reaching the rotated keys the forward returned (or None)."""
+    batch, n_hq, sq, head_dim = q_rot.shape
+    delta = torch.empty((batch, n_hq, sq), dtype=torch.float32, device=q_rot.device)
+    _dispatch.launch("attention backward preprocess", attention_bwd_preprocess_kernel, (triton.cdiv(sq, 64), batch, n_hq),
+                     (out, grad_out, delta, sq, head_dim, *out.stride(), *grad_out.stride()),
+                     dict(BLOCK_M=64, BLOCK_DV=_block_d(head_dim)))
+    dq, dq_acc = _gradient_buffer(q_rot, rotate_q)
+    dk, dk_acc = _gradient_buffer(k_rot, rotate_k)
+    dv = torch.empty_like(v)
+    meta = _common_meta(q_rot, causal, plan)
+    head = (*_bounds(plan), softmax_scale, sq, k_rot.shape[2], head_dim, n_hq // k_rot.shape[1], n_hq, sq)
+    strides = (*q_rot.stride(), *k_rot.stride(), *v.stride(), *grad_out.stride())
     _launch("attention backward dK/dV", attention_bwd_dkdv_kernel, _dkdv_tuned,
-            lambda m: (triton.cdiv(plan.max_k, m["BLOCK_N"]), plan.n_seqs, k.shape[1]), dkdv_args, meta)
-    dq_args = (q, k, v, grad_out, lse, delta, dq, *pointers, softmax_scale, *scalars, n_hq, sq,
-               *common_strides, *dq.stride(), *tail)
+            lambda m: (triton.cdiv(plan.max_k, m["BLOCK_N"]), plan.n_seqs, k_rot.shape[1]),
+            (q_rot, k_rot, v, grad_out, lse, delta, dk_acc, dv, *head, *strides, *dk_acc.stride(), *dv.stride(),
+             *lse.stride()), meta)
     _launch("attention backward dQ", attention_bwd_dq_kernel, _dq_tuned,
-            lambda m: (triton.cdiv(plan.max_q, m["BLOCK_M"]), plan.n_seqs, n_hq), dq_args, meta)
+            lambda m: (triton.cdiv(plan.max_q, m["BLOCK_M"]), plan.n_seqs, n_hq),
+            (q_rot, k_rot, v, grad_out, lse, delta, dq_acc, *head, *strides, *dq_acc.stride(), *lse.stride()), meta)
+    if grad_k_rot is not None:
+        dk_acc += grad_k_rot
+    # Back to the caller's space: the conjugate rotation, once per token.
+    rotate_once(dq_acc, dk_acc, cfg, plan, rotate_q, rotate_k, conjugate=True, q_out=dq, k_out=dk)
     return dq, dk, dv
 
 
@@ -289,59 +336,82 @@ def attention_backward(grad_out, q, k, v, out, lse, cfg, plan, causal, softmax_s
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: Optional[torch.Tensor],
                   kv_position_ids: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                   cu_seqlens_k: Optional[torch.Tensor], causal: bool, softmax_scale: float,
-                  seq_len: Optional[int], rotate_q: bool, rotate_k: bool, head_dim: int, rotary_dim: int,
-                  base: float, original_max: int, max_pos: int, short_factor: list[float],
+                  seq_len: Optional[int], rotate_q: bool, rotate_k: bool, head_dim: int,
+                  rotary_dim: int, base: float, original_max: int, max_pos: int, short_factor: list[float],
                   long_factor: list[float], start_token: int, mscale: float,
-                  interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, lse). lse (base-2 log-sum-exp, float32) feeds the kernel backward; the
-    PyTorch path recomputes in its backward and returns zeros there."""
+                  interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, q_rot, k_rot). lse (base-2 log-sum-exp, float32) feeds the kernel backward
+    (the PyTorch path recomputes and returns zeros). q_rot / k_rot: the rotated q / k when rotated,
+    else empty tensors."""
     cfg = config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
                            start_token, mscale, interleaved)
     plan = _Plan(cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len)
     if use_kernel(q):
         return attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
-    out = torch_attention(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
-    return out, q.new_zeros(q.shape[:-1], dtype=torch.float32)
+    out, q_rot, k_rot = torch_attention(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
+    return (out, q.new_zeros(q.shape[:-1], dtype=torch.float32), q_rot if rotate_q else q.new_empty(0),
+            k_rot if rotate_k else q.new_empty(0))
 
 
 @_attention_op.register_fake
-def _(q, k, v, *args):
-    lse_shape = q.shape[:-1]
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(lse_shape, dtype=torch.float32)
+def _(q, k, v, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, seq_len,
+      rotate_q, rotate_k, *rope):
+    return (q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32),
+            torch.empty_like(q) if rotate_q else q.new_empty(0),
+            torch.empty_like(k) if rotate_k else q.new_empty(0))
 
 
 @torch.library.custom_op("longrope_triton::fused_rope_attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, position_ids: Optional[torch.Tensor],
-                           kv_position_ids: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-                           cu_seqlens_k: Optional[torch.Tensor], causal: bool, softmax_scale: float,
-                           seq_len: Optional[int], rotate_q: bool, rotate_k: bool, head_dim: int,
-                           rotary_dim: int, base: float, original_max: int, max_pos: int,
-                           short_factor: list[float], long_factor: list[float], start_token: int,
-                           mscale: float, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_backward_op(grad_out: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, grad_k_rot: Optional[torch.Tensor],
+                           position_ids: Optional[torch.Tensor], kv_position_ids: Optional[torch.Tensor],
+                           cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                           causal: bool, softmax_scale: float, seq_len: Optional[int], rotate_q: bool,
+                           rotate_k: bool, head_dim: int, rotary_dim: int, base: float,
+                           original_max: int, max_pos: int, short_factor: list[float], long_factor: list[float],
+                           start_token: int, mscale: float,
+                           interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
                            start_token, mscale, interleaved)
-    plan = _Plan(cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len)
-    if use_kernel(q):
-        return attention_backward(grad_out, q, k, v, out, lse, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
-    return torch_attention_backward(grad_out, q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
+    plan = _Plan(cfg, q_rot, k_rot, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len)
+    if use_kernel(q_rot):
+        return attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal,
+                                  softmax_scale, rotate_q, rotate_k)
+    dq, dk, dv = torch_attention_backward(grad_out, q_rot, k_rot, v, cfg, plan, causal, softmax_scale, rotate_q,
+                                          rotate_k)
+    if grad_k_rot is not None:
+        dk = dk + _torch_unrotate(grad_k_rot, cfg, plan)
+    return dq, dk, dv
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q_rot, k_rot, v, *args):
+    return torch.empty_like(q_rot), torch.empty_like(k_rot), torch.empty_like(v)
+
+
+def _torch_unrotate(x, cfg, plan):
+    """The conjugate rotation of a (B, H, Sk, D) key-space tensor, sequence by sequence (PyTorch path)."""
+    y = torch.empty_like(x)
+    for b, _, ks, long in plan.sequences():
+        _torch_rotate_into(y, x, cfg, plan, plan.k_pos, long, b, ks, conjugate=True)
+    return y
 
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *rest[:4])
+    out, lse, q_rot, k_rot = output
+    rotate_q, rotate_k = rest[7], rest[8]  # after 4 tensors, causal, softmax_scale and seq_len
+    # The backward runs on the rotated operands: saving them costs what saving q and k would.
+    ctx.save_for_backward(q_rot if rotate_q else q, k_rot if rotate_k else k, v, out, lse, *rest[:4])
     ctx.rest = rest[4:]
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, *tensors = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *tensors, *ctx.rest)
+def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot, grad_k_rot):
+    q_rot, k_rot, v, out, lse, *tensors = ctx.saved_tensors
+    rotate_k = ctx.rest[4]  # ctx.rest: causal, softmax_scale, seq_len, rotate_q, rotate_k, ...
+    grad_k_rot = grad_k_rot if rotate_k and grad_k_rot is not None and grad_k_rot.numel() else None
+    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q_rot, k_rot, v, out, lse, grad_k_rot, *tensors,
+                                        *ctx.rest)
     return (dq, dk, dv) + (None,) * (4 + len(ctx.rest))
 
 
@@ -413,8 +483,6 @@ def fused_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg:
         raise TypeError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
     if k_is_rotated and return_rotated_k:
         raise ValueError("return_rotated_k needs raw keys, but k_is_rotated says k is already rotated")
-    if return_rotated_k and cu_seqlens is not None:
-        raise ValueError("return_rotated_k is not supported with packed sequences (cu_seqlens)")
     cu_seqlens_q = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[2], q.device)
     cu_seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens,
                                      k.shape[2], q.device)
@@ -428,14 +496,6 @@ def fused_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg:
     position_ids = check_positions("position_ids", position_ids, q.shape[0], q.shape[2], q.device)
     kv_position_ids = check_positions("kv_position_ids", kv_position_ids, k.shape[0], k.shape[2], q.device)
     seq_len = check_seq_len(seq_len)
-    args = rope_args(cfg)
-    if return_rotated_k:
-        # Rotate K once (O(N d)); the attention then reads the rotated keys as a cache would.
-        # The regime is fixed first from both position sets, as the attention would choose it.
-        if seq_len is None:
-            seq_len = _Plan(cfg, q, k, position_ids, kv_position_ids, None, None, None).max_position + 1
-        _, k = _rotary_op(k[:, :0], k, kv_position_ids, seq_len, False, **args)
-        k_is_rotated = True
-    out, _ = _attention_op(q, k, v, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, causal,
-                           float(softmax_scale), seq_len, True, not k_is_rotated, **args)
-    return (out, k) if return_rotated_k else out
+    out, _, _, k_rot = _attention_op(q, k, v, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, causal,
+                                     float(softmax_scale), seq_len, True, not k_is_rotated, **rope_args(cfg))
+    return (out, k_rot) if return_rotated_k else out

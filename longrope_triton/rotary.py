@@ -8,7 +8,8 @@ import torch
 import triton
 
 from . import reference
-from ._dispatch import LAUNCH_OPTIONS, kernel_errors, needs_int64, use_kernel
+from . import _dispatch
+from ._dispatch import use_kernel
 from ._validation import (check_config, check_heads, check_position_range, check_positions,
                           check_same, check_seq_len)
 from .config import LongRoPEConfig
@@ -63,25 +64,28 @@ def _rotary_block_size(seq: int) -> int:
     return min(32, triton.next_power_of_2(max(seq, 1)))
 
 
-def launch_rotary(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, cfg: LongRoPEConfig, long: bool,
-                  conjugate: bool):
-    """Rotate q and k with the Triton kernel; outputs keep the inputs' layout and dtype."""
+def regime_sets(long: bool, batch: int, seq: int, device) -> torch.Tensor:
+    """The (batch, seq) int32 table set of every row for one regime: a stride-0 view of one value."""
+    return torch.full((1, 1), SET_LONG if long else SET_SHORT, dtype=torch.int32, device=device).expand(batch, seq)
+
+
+def launch_rotary(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, sets: torch.Tensor, cfg: LongRoPEConfig,
+                  conjugate: bool, q_out: Optional[torch.Tensor] = None, k_out: Optional[torch.Tensor] = None):
+    """Rotate q and k with the Triton kernel (one launch). pos and sets: (batch or 1, seq) positions
+    and table sets. Outputs default to new tensors in the inputs' layout and dtype; given outputs
+    may have another dtype or be the inputs themselves (in place)."""
     batch, n_hq, seq, head_dim = q.shape
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q_out = torch.empty_like(q) if q_out is None else q_out
+    k_out = torch.empty_like(k) if k_out is None else k_out
     tables = rope_tables(cfg, q.device)
     block_s = _rotary_block_size(seq)
     pass_dim = head_dim - cfg.rotary_dim
-    grid = (triton.cdiv(seq, block_s), batch)
-    with kernel_errors("rotary"), torch.device(q.device):
-        rotary_kernel[grid](
-            q, k, q_out, k_out, pos, tables,
-            tables.shape[2], SET_LONG if long else SET_SHORT, cfg.start_token, seq, head_dim, n_hq, k.shape[1],
-            *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *pos.stride(),
-            ROTARY_DIM=cfg.rotary_dim, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(cfg.rotary_dim // 2),
-            BLOCK_PASS=triton.next_power_of_2(pass_dim) if pass_dim else 0,
-            INTERLEAVED=cfg.interleaved, CONJUGATE=conjugate, INT64=needs_int64((q, k, q_out, k_out, pos)),
-            num_warps=4, **LAUNCH_OPTIONS,
-        )
+    args = (q, k, q_out, k_out, pos, sets, tables, tables.shape[2], cfg.start_token, seq, head_dim, n_hq, k.shape[1],
+            *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *pos.stride(), *sets.stride())
+    meta = dict(ROTARY_DIM=cfg.rotary_dim, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(cfg.rotary_dim // 2),
+                BLOCK_PASS=triton.next_power_of_2(pass_dim) if pass_dim else 0, INTERLEAVED=cfg.interleaved,
+                CONJUGATE=conjugate, num_warps=4)
+    _dispatch.launch("rotary", rotary_kernel, (triton.cdiv(seq, block_s), batch), args, meta)
     return q_out, k_out
 
 
@@ -104,7 +108,7 @@ def _rotary_op(q: torch.Tensor, k: torch.Tensor, position_ids: Optional[torch.Te
     pos, end = resolve_positions(cfg, position_ids, batch, seq, q.device)
     long = cfg.use_long(end if seq_len is None else seq_len)
     if use_kernel(q):
-        return launch_rotary(q, k, pos, cfg, long, conjugate)
+        return launch_rotary(q, k, pos, regime_sets(long, batch, seq, q.device), cfg, conjugate)
     return torch_rotary(q, pos, cfg, long, conjugate), torch_rotary(k, pos, cfg, long, conjugate)
 
 

@@ -1,14 +1,26 @@
-"""Compile every kernel for a GPU target without a GPU (Triton -> PTX -> cubin with ptxas).
+"""Compile every kernel variant the launchers can pick for a GPU target, without a GPU.
 
-The interpreter checks what the kernels compute; this checks that the compiler accepts
-them and what each variant costs: shared memory against the device's limit, registers,
-spills. Run: ``python scripts/compile_check.py [--arch 90] [--quick]``; exits 1 on a failure.
+The interpreter checks what the kernels compute; this checks what each variant costs on the
+device: shared memory against the block limit, registers, spills. It compiles what a launch
+compiles: the launchers run on CPU tensors of representative shapes with the kernel launch
+recorded instead of executed, and each recorded launch is compiled with ``JITFunction.warmup``
+against a stand-in driver for the target, so Triton derives the same specialization as at run
+time (16-byte-aligned pointers, strides divisible by 16, unit strides as constants), for every
+tile config the autotuner may choose for that launch.
+
+Run: ``python scripts/compile_check.py [--arch 90] [--dtypes bf16,fp16] [--json out.json]``; exits 1
+when a variant fails to compile, exceeds the shared memory of a block, or (default-path variants)
+spills. tests/test_compile_budget.py runs it for bf16 and fp16 in CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import itertools
+import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -16,48 +28,93 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, whatever the caller's environment
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launches pin it; silences Triton 3.9's warning
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime import driver  # noqa: E402
 
-from longrope_triton._dispatch import LAUNCH_OPTIONS  # noqa: E402
-from longrope_triton.attention import _TILES  # noqa: E402
-from longrope_triton.kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,  # noqa: E402
-                                                   attention_bwd_preprocess_kernel)
-from longrope_triton.kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
-from longrope_triton.kernels.rotary import rotary_kernel  # noqa: E402
+from longrope_triton import _dispatch, attention, rotary  # noqa: E402
+from longrope_triton.config import LongRoPEConfig  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum)
-TYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Triton types for every argument, from naming conventions of the kernels."""
-    out = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            out[name] = "constexpr"
-        elif name in ("p_lse", "p_delta", "p_tab"):
-            out[name] = "*fp32"
-        elif name in ("p_qpos", "p_kpos", "p_pos", "p_cu_q", "p_cu_k"):
-            out[name] = "*i64"
-        elif name == "p_seq_set":
-            out[name] = "*i32"
-        elif name.startswith("p_"):
-            out[name] = TYPES[dtype]
-        elif name in ("qk_scale", "softmax_scale"):
-            out[name] = "fp32"
-        else:
-            out[name] = "i32"
-    return out
+class TargetDriver:
+    """The slice of Triton's driver interface that compiling (warmup) needs, for a chosen target."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
 
 
-def compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch):
-    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages, **LAUNCH_OPTIONS})
-    return (compiled.metadata.shared,) + resource_usage(compiled.asm["cubin"])
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One call of the attention forward + backward, as a user makes it."""
+
+    dtype: str
+    head_dim: int
+    rotary_dim: int
+    causal: bool
+    varlen: bool
+    interleaved: bool = False
+
+    @property
+    def default_path(self) -> bool:
+        """Held to zero spills: every half-precision variant (head_dim 256 included, whose tiles
+        the launcher restricts to spill-free ones); fp32 inputs are reported, not budgeted."""
+        return self.dtype in ("bf16", "fp16")
+
+
+def record_launches(variant: Variant):
+    """The kernel launches (name, kernel, tuned, grid, args, meta) of one forward and backward."""
+    calls = []
+
+    def record(name, kernel, grid, args, meta, tuned=None, interpret_meta=None):
+        calls.append((name, kernel, tuned, args, {**meta, "INT64": _dispatch.needs_int64(args)}))
+
+    dtype = DTYPES[variant.dtype]
+    batch, hq, hk, seq = 1, 8, 2, 256
+    cfg = LongRoPEConfig(head_dim=variant.head_dim, rotary_dim=variant.rotary_dim,
+                         original_max_position_embeddings=4096, max_position_embeddings=131072,
+                         interleaved=variant.interleaved)
+    q = torch.zeros(batch, hq, seq, variant.head_dim, dtype=dtype)
+    k = torch.zeros(batch, hk, seq, variant.head_dim, dtype=dtype)
+    v = torch.zeros_like(k)
+    cu = torch.tensor([0, 100, seq], dtype=torch.int32) if variant.varlen else None
+    plan = attention._Plan(cfg, q, k, None, None, cu, cu, None)
+    scale = variant.head_dim ** -0.5
+    saved = _dispatch.launch
+    _dispatch.launch = record
+    try:
+        out, lse, q_rot, k_rot = attention.attention_forward(q, k, v, cfg, plan, variant.causal, scale, True, True)
+        attention.attention_backward(torch.zeros_like(out), q_rot, k_rot, v, out, lse, None, cfg, plan,
+                                     variant.causal, scale, True, True)
+    finally:
+        _dispatch.launch = saved
+    return calls
+
+
+def tile_configs(name, tuned, args, meta):
+    """The configs the launcher may pick for this launch: the autotuner's pruned list, or the
+    launch's own fixed meta-parameters."""
+    if tuned is None:
+        return [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=3)]
+    named = dict(zip(tuned.arg_names, args))
+    return tuned.early_config_prune(tuned.configs, named, **meta)
 
 
 def resource_usage(cubin: bytes):
@@ -73,68 +130,99 @@ def resource_usage(cubin: bytes):
     return int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
 
 
-# (rotary_dim, head_dim, row class of the launcher for bf16)
-SHAPES = [(64, 64, "narrow"), (80, 80, "narrow"), (128, 128, "narrow"), (64, 128, "narrow"), (96, 128, "wide"),
-          (256, 256, "wide")]
+def compile_launch(kernel, args, meta, config, arch):
+    """shared bytes, registers and spill bytes of one launch compiled for sm_<arch>."""
+    driver.set_active(TargetDriver(arch))
+    compiled = kernel.warmup(*args, grid=(1,), **meta, **config.kwargs, num_warps=config.num_warps,
+                             num_stages=config.num_stages, **_dispatch.LAUNCH_OPTIONS)
+    return (compiled.metadata.shared,) + resource_usage(compiled.asm["cubin"])
 
 
-def attention_variants(quick: bool):
-    """(meta-parameters, row class) per shape x causal x K rotation x varlen, as the launcher builds them."""
-    shapes = [s for s in SHAPES if not quick or s[1] in (128, 256)]
-    for (r, d, row_class), causal, rotate_k, varlen in itertools.product(shapes, (True, False), (True, False),
-                                                                          (False, True)):
-        # --quick: every switch on head_dim 128, the causal fully-rotated variant of the other shapes
-        if quick and (r, d) != (128, 128) and (varlen or not rotate_k or not causal):
-            continue
-        if quick and (r, d) == (128, 128) and not causal:
-            continue
-        pass_dim = d - r
-        yield dict(ROTARY_DIM=r, BLOCK_HALF=max(16, triton.next_power_of_2(r // 2)),
-                   BLOCK_PASS=max(16, triton.next_power_of_2(pass_dim)) if pass_dim else 0,
-                   BLOCK_DV=max(16, triton.next_power_of_2(d)), CAUSAL=causal, INTERLEAVED=False, ROTATE_Q=True,
-                   ROTATE_K=rotate_k, IS_VARLEN=varlen, DOT_PRECISION="tf32", INT64=False), row_class
+SHAPES = [(64, 64), (80, 80), (96, 96), (128, 128), (128, 96), (256, 256)]  # (head_dim, rotary_dim)
+
+
+def variants(dtypes):
+    """Every variant a user can reach in these dtypes: head_dims 64-256 (partial rotary included),
+    causal or not, packed (varlen) or not, and one interleaved config."""
+    for dtype, (d, r), causal, varlen in itertools.product(dtypes, SHAPES, (True, False), (False, True)):
+        yield Variant(dtype, d, r, causal, varlen)
+    yield Variant(dtypes[0], 128, 128, True, False, interleaved=True)
+
+
+def jobs_of(variant_list):
+    """Unique compilations with the variants each covers: the attention kernels depend on head_dim
+    only through BLOCK_D (head_dim is a runtime argument), and not on rotary_dim or the pair layout."""
+    seen = {}
+    for variant in variant_list:
+        for name, kernel, tuned, args, meta in record_launches(variant):
+            for config in tile_configs(name, tuned, args, dict(meta)):
+                meta_no_warps = {k: v for k, v in meta.items() if k != "num_warps"}
+                key = (name, variant.dtype, tuple(sorted(meta_no_warps.items())), str(config.kwargs),
+                       config.num_warps, config.num_stages)
+                seen.setdefault(key, (name, kernel, args, meta_no_warps, config, variant, set()))[-1].add(
+                    variant.head_dim)
+    return list(seen.values())
+
+
+_JOBS: list = []  # set before the worker processes fork: kernels and tensors are not sent to them
+
+
+def run_job(index: int, arch: int):
+    name, kernel, args, meta, config, variant, head_dims = _JOBS[index]
+    record = dict(kernel=name, dtype=variant.dtype, head_dims=sorted(head_dims), rotary_dim=None,
+                  **{k.lower(): v for k, v in meta.items() if k.isupper() and k != "ROTARY_DIM"},
+                  **{k.lower(): v for k, v in config.kwargs.items()}, warps=config.num_warps,
+                  stages=config.num_stages, default_path=variant.default_path)
+    if "ROTARY_DIM" in meta:  # the forward and the rotary kernel; the backward does not depend on it
+        record["rotary_dim"] = meta["ROTARY_DIM"]
+    try:
+        record["shared"], record["registers"], record["spill_bytes"] = compile_launch(kernel, args, meta, config,
+                                                                                      arch)
+    except Exception as exc:  # noqa: BLE001 - report every failing variant, then exit non-zero
+        record["error"] = str(exc).strip().splitlines()[-1][:300]
+    return record
+
+
+def problems(record, arch) -> list[str]:
+    """Why a record fails the budget (empty when it passes)."""
+    if "error" in record:
+        return [f"does not compile: {record['error']}"]
+    out = []
+    limit = SHARED_LIMIT.get(arch, 101376)
+    if record["shared"] > limit:
+        out.append(f"shared memory {record['shared']} B > {limit} B")
+    if record["default_path"] and record["spill_bytes"] > 0:
+        out.append(f"spills {record['spill_bytes']} B/thread")
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32",
+                        help="comma-separated; the budget (no spills) holds for bf16 and fp16, fp32 is reported")
+    parser.add_argument("--json", help="write every record here")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    _JOBS[:] = jobs_of(variants(args.dtypes.split(",")))
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        records = list(pool.map(run_job, range(len(_JOBS)), itertools.repeat(args.arch)))
     failures = 0
-    jobs = []
-    for meta, row_class in attention_variants(args.quick):
-        for kernel, name in ((attention_fwd_kernel, "fwd"), (attention_bwd_dkdv_kernel, "dkdv"),
-                             (attention_bwd_dq_kernel, "dq")):
-            for m, n, warps, stages in _TILES[name][row_class]:
-                jobs.append((kernel, "bf16", {**meta, "BLOCK_M": m, "BLOCK_N": n}, warps, stages))
-            if meta["ROTARY_DIM"] == 128 and meta["BLOCK_DV"] == 128 and meta["ROTATE_K"]:
-                # the int64-offset variant (tensors past 2^31 elements), at the first tile of the list
-                m, n, warps, stages = _TILES[name][row_class][0]
-                jobs.append((kernel, "bf16", {**meta, "INT64": True, "BLOCK_M": m, "BLOCK_N": n}, warps, stages))
-    for (r, d, inter), int64 in itertools.product(((64, 64, False), (128, 128, True), (48, 80, False)),
-                                                  (False, True)):
-        jobs.append((rotary_kernel, "bf16", dict(ROTARY_DIM=r, BLOCK_S=32, BLOCK_HALF=triton.next_power_of_2(r // 2),
-                                                 BLOCK_PASS=triton.next_power_of_2(d - r) if d > r else 0,
-                                                 INTERLEAVED=inter, CONJUGATE=False, INT64=int64), 4, 3))
-    for int64 in (False, True):
-        jobs.append((attention_bwd_preprocess_kernel, "bf16", dict(BLOCK_M=64, BLOCK_DV=128, INT64=int64), 4, 3))
-    limit = SHARED_LIMIT.get(args.arch, 101376)
-    for kernel, dtype, constexprs, warps, stages in jobs:
-        label = (f"{kernel.fn.__name__:30s} r{constexprs.get('ROTARY_DIM', '-')} dv{constexprs.get('BLOCK_DV', '-')} "
-                 f"M{constexprs.get('BLOCK_M', '-')} N{constexprs.get('BLOCK_N', '-')} w{warps} s{stages} "
-                 f"causal={constexprs.get('CAUSAL', '-')} rotK={constexprs.get('ROTATE_K', '-')} "
-                 f"varlen={constexprs.get('IS_VARLEN', '-')} int64={constexprs.get('INT64')}")
-        try:
-            shared, regs, spills = compile_one(kernel, dtype, constexprs, warps, stages, args.arch)
-        except Exception as exc:  # noqa: BLE001 - report every failing variant, then exit non-zero
-            failures += 1
-            print(f"FAIL {label}: {str(exc).strip().splitlines()[-1][:300]}", flush=True)
-            continue
-        if shared > limit:
-            failures += 1
-        over = f" OVER THE SHARED-MEMORY LIMIT ({limit})" if shared > limit else ""
-        print(f"ok   {label} shared={shared} regs={regs} spill_stack={spills}{over}", flush=True)
-    print(f"{len(jobs) - failures}/{len(jobs)} variants compiled for sm_{args.arch}")
+    for r in records:
+        why = problems(r, args.arch)
+        failures += bool(why)
+        tile = f"M{r.get('block_m', '-')} N{r.get('block_n', '-')}"
+        dims = "/".join(map(str, r["head_dims"]))
+        print(f"{'FAIL' if why else 'ok  '} {r['kernel']:30s} {r['dtype']} d{dims} r{r['rotary_dim']} {tile} "
+              f"w{r['warps']} s{r['stages']} causal={r.get('causal', '-')} varlen={r.get('is_varlen', '-')} "
+              f"shared={r.get('shared')} regs={r.get('registers')} "
+              f"spill={r.get('spill_bytes')} {'; '.join(why)}", flush=True)
+    print(f"{len(records) - failures}/{len(records)} variants within budget for sm_{args.arch} "
+          f"(triton {triton.__version__})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "triton": triton.__version__, "records": records}, f, indent=1)
     return 1 if failures else 0
 
 
