@@ -13,6 +13,7 @@ A provider that cannot run here (package missing, SDPA backend rejected) raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import warnings
@@ -71,6 +72,8 @@ class HFLongRoPE:
     def __init__(self, cfg: LongRoPEConfig, device):
         if cfg.rotary_dim != cfg.head_dim or cfg.start_token or cfg.interleaved:
             raise ValueError("the eager baseline covers full-dim, half-pair rotary without n_hat")
+        if cfg.regime_mscale(False) != cfg.regime_mscale(True):
+            raise ValueError("the eager baseline (transformers' longrope) has one attention factor for both regimes")
         dim = cfg.rotary_dim
         exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
         self.short_inv_freq = 1.0 / (torch.tensor(cfg.short_factor, dtype=torch.float32, device=device)
@@ -231,6 +234,18 @@ def _rotary(provider: str, case: Case, x: Inputs, device) -> Runnable:
     return Runnable(_iteration(forward, case, x), x.leaves, notes)
 
 
+@contextlib.contextmanager
+def _prefill_kernel_only():
+    """fused_rope_attention with the split-KV decode path switched off (the comparison point)."""
+    from longrope_triton import attention
+
+    saved, attention.DECODE_MAX_QUERIES = attention.DECODE_MAX_QUERIES, 0
+    try:
+        yield
+    finally:
+        attention.DECODE_MAX_QUERIES = saved
+
+
 def _attention(provider: str, case: Case, x: Inputs, device) -> Runnable:
     cfg, q, k, v = x.cfg, x.q, x.k, x.v
     scale = case.head_dim ** -0.5
@@ -239,6 +254,10 @@ def _attention(provider: str, case: Case, x: Inputs, device) -> Runnable:
     if provider == "ours":
         forward = lambda: fused_rope_attention(q, k, v, cfg, position_ids=x.q_pos, causal=case.causal,  # noqa
                                                k_is_rotated=decode)
+    elif provider == "ours_prefill_kernel":
+        def forward():
+            with _prefill_kernel_only():
+                return fused_rope_attention(q, k, v, cfg, position_ids=x.q_pos, causal=case.causal, k_is_rotated=True)
     elif provider == "sdpa_flash_norope":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

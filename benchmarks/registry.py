@@ -8,6 +8,7 @@ touches a device: the plans are data, so ``--list`` and the tests can read them 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional
 
 from longrope_triton import LongRoPEConfig
@@ -65,10 +66,13 @@ def flops(case: Case) -> Optional[float]:
 
 
 def bytes_moved(case: Case) -> Optional[float]:
-    """Rotary: read q and k, write q_rot and k_rot (the backward moves the same again)."""
+    """Rotary: read q and k, write q_rot and k_rot (the backward moves the same again).
+    Decode: the K and V cache read once (what bounds a decode step)."""
+    elem = 2  # fp16 / bf16
+    if case.op == "decode":
+        return 2.0 * case.batch * case.kv_heads * case.seq_k * case.head_dim * elem
     if case.op != "rotary":
         return None
-    elem = 2  # fp16 / bf16
     once = 2.0 * case.batch * case.seq_q * (case.q_heads + case.kv_heads) * case.head_dim * elem
     return 2 * once if case.mode == "fwd+bwd" else once
 
@@ -117,6 +121,9 @@ PROVIDERS = {p.name: p for p in [
     Provider("sdpa_flash_norope", ("attention",),
              "scaled_dot_product_attention, SDPBackend.FLASH_ATTENTION, on q and k without any rotation: "
              "PyTorch's attention floor", rope="none"),
+    Provider("ours_prefill_kernel", ("decode",),
+             "longrope_triton's prefill kernel on the same decode step (the path before split-KV decoding: "
+             "a BLOCK_M-row tile per query head, one program walking the whole cache)"),
     Provider("ours_norope", ("attention", "decode"),
              "longrope_triton attention kernel with rotation disabled (rotate_q=rotate_k=False): the cost "
              "floor that the fused rotation is measured against", rope="none"),
@@ -170,7 +177,7 @@ TARGET_ROTARY = dict(b=1, s=16 * K, hq=32, hk=32, d=128)
 TARGET_ATTN_SHAPES = ((4, 4 * K), (1, 16 * K))
 TARGET_MEMORY_SHAPE = (1, 32 * K)
 SEQ_SWEEP = ((16, 1 * K), (8, 2 * K), (4, 4 * K), (2, 8 * K), (1, 16 * K), (1, 32 * K), (1, 64 * K), (1, 128 * K))
-DECODE_CACHE = (32 * K, 64 * K, 128 * K)
+DECODE_CACHE = (8 * K, 32 * K, 128 * K)
 PREFILL_TOKENS = (8 * K, 16 * K, 32 * K)
 # torch.compile costs tens of seconds of compilation per shape and mode: a few sweep points only.
 COMPILE_SEQS = (1 * K, 4 * K, 16 * K, 32 * K)
@@ -204,8 +211,8 @@ def full_plan() -> list[Item]:
                                       ("attn_gqa",)))
                 items.append(Item(_attn(mode, dtype, b, s, causal=False), _no_compile(ATTENTION_PROVIDERS),
                                   ("attn_noncausal",)))
-        for sk in DECODE_CACHE:
-            items.append(Item(_decode(dtype, 4, sk), DECODE_PROVIDERS, ("decode",)))
+        for b, sk in itertools.product((1, 16), DECODE_CACHE):
+            items.append(Item(_decode(dtype, b, sk), DECODE_PROVIDERS, ("decode",)))
     for s in PREFILL_TOKENS:
         items.append(Item(_prefill("llama-1b", s), PREFILL_PROVIDERS, ("prefill",)))
     items.append(Item(_prefill("smollm2-135m", 8 * K), PREFILL_PROVIDERS, ("prefill",)))
@@ -225,8 +232,10 @@ def quick_plan() -> list[Item]:
             items.append(Item(_attn(mode, dtype, b, s), _no_compile(ATTENTION_PROVIDERS), ("attn_seq",)))
     items.append(Item(_attn("fwd+bwd", dtype, *TARGET_MEMORY_SHAPE),
                       ("ours", "ours_norope", "eager_sdpa_flash", "eager_sdpa_cudnn"), ("attn_seq",)))
-    for sk in (32 * K, 128 * K):
-        items.append(Item(_decode(dtype, 4, sk), ("ours", "ours_norope", "eager_sdpa_flash"), ("decode",)))
+    for b in (1, 16):
+        for sk in (8 * K, 32 * K, 128 * K):
+            items.append(Item(_decode(dtype, b, sk), ("ours", "ours_prefill_kernel", "eager_sdpa_flash"),
+                              ("decode",)))
     for mode in MODES:
         items.append(Item(_rotary(mode, dtype, **TARGET_ROTARY), ("compile_hf",), ("rotary_seq",)))
         for b, s in TARGET_ATTN_SHAPES:
@@ -252,7 +261,7 @@ def cpu_smoke_plan() -> list[Item]:
         Item(_attn("fwd+bwd", "fp16", 1, 128, 4, 2, 64), short_a + ("sdpa_flash_norope",), ("attn_seq",)),
         Item(_attn("fwd", "fp16", 1, 128, 4, 2, 64, causal=False), short_a, ("attn_noncausal",)),
         Item(_decode("bf16", 2, 128, 4, 2, 64), short_a, ("decode",)),
-        Item(_decode("bf16", 2, 256, 4, 2, 64), short_a, ("decode",)),
+        Item(_decode("bf16", 2, 256, 4, 2, 64), short_a + ("ours_prefill_kernel",), ("decode",)),
         Item(_prefill("llama-tiny", 128), PREFILL_PROVIDERS, ("prefill",)),
     ]
 

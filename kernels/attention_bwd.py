@@ -17,7 +17,7 @@ from .attention_fwd import LOG2E, key_tile_range, score_mask, sequence_bounds
 from .rotary import load_block, store_block, widen
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SEQ"])
 def attention_bwd_preprocess_kernel(p_out, p_do, p_delta, SEQ, HEAD_DIM,
                                     stride_ob, stride_oh, stride_os, stride_od,
                                     stride_dob, stride_doh, stride_dos, stride_dod,
@@ -63,7 +63,7 @@ def _dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, qk_scale, o_n, 
     return b_dk, b_dv
 
 
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "DELTA_SEQ"])
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ", "DELTA_SEQ", "stride_lb", "stride_lh"])
 def attention_bwd_dkdv_kernel(
     p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_cu_q, p_cu_k,
     # runtime scalars
@@ -149,7 +149,7 @@ def _dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, qk_scale, o_m, len_q, l
     return b_dq
 
 
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "DELTA_SEQ"])
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ", "DELTA_SEQ", "stride_lb", "stride_lh"])
 def attention_bwd_dq_kernel(
     p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, p_cu_q, p_cu_k,
     # runtime scalars

@@ -56,6 +56,28 @@ def score_mask(o_m, o_n, len_q, len_k, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(b_acc, b_l, b_m, b_s, b_v, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of masked base-2 scores b_s and its values b_v into the running
+    (accumulator, row sum, row max) of the online softmax."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # Rows with no visible key yet keep m = -inf; shift by 0 there so exp2 gives 0, not NaN.
+    b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.math.exp2(b_s - b_shift[:, None])
+    b_alpha = tl.math.exp2(b_m - b_shift)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return b_acc, b_l, b_m_new
+
+
+@triton.jit
+def normalized_output(b_acc, b_l, b_m, EMPTY_LSE: tl.constexpr):
+    """(out, base-2 LSE) of the online softmax; rows that saw no key: out 0, LSE EMPTY_LSE."""
+    b_empty = b_l == 0.0
+    b_out = b_acc / tl.where(b_empty, 1.0, b_l)[:, None]
+    return b_out, tl.where(b_empty, EMPTY_LSE, b_m + tl.math.log2(tl.where(b_empty, 1.0, b_l)))
+
+
+@triton.jit
 def _fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, qk_scale, o_m, len_q, len_k, n_lo, n_hi,
                stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d,
                MASK_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr):
@@ -67,19 +89,14 @@ def _fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, qk_scale, o_m, len_q, len_k, n_lo
         b_k = load_block(p_k, o_nw, m_n, stride_ks, stride_kd, o_d, m_d)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_s = tl.where(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL), b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # Rows with no visible key yet keep m = -inf; shift by 0 there so exp2 gives 0, not NaN.
-        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.math.exp2(b_s - b_shift[:, None])
-        b_alpha = tl.math.exp2(b_m - b_shift)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_v = load_block(p_v, o_nw, m_n, stride_vs, stride_vd, o_d, m_d)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        b_m = b_m_new
+        b_acc, b_l, b_m = online_softmax_step(b_acc, b_l, b_m, b_s, b_v, DOT_PRECISION)
     return b_acc, b_l, b_m
 
 
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP"])
+# Lengths, the GQA group and the LSE strides (multiples of the length) are not specialized: a new
+# sequence length must not compile a new kernel (tests/test_compile_budget.py).
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "stride_lb", "stride_lh"])
 def attention_fwd_kernel(
     p_q, p_k, p_v, p_out, p_lse, p_cu_q, p_cu_k,
     # runtime scalars
@@ -125,9 +142,7 @@ def attention_fwd_kernel(
                                  stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d, CAUSAL, BLOCK_N,
                                  DOT_PRECISION, INT64)
     # Rows that see no key (Sq > Sk, causal) output 0 and get LSE +inf so the backward's p is 0.
-    b_empty = b_l == 0.0
-    b_out = b_acc / tl.where(b_empty, 1.0, b_l)[:, None]
-    b_lse = tl.where(b_empty, float("inf"), b_m + tl.math.log2(tl.where(b_empty, 1.0, b_l)))
+    b_out, b_lse = normalized_output(b_acc, b_l, b_m, float("inf"))
     store_block(p_out + i_bt * stride_ob + i_h * stride_oh + q_start * stride_os, b_out, o_mw, m_m, stride_os,
                 stride_od, o_d, m_d)
     tl.store(p_lse + i_bt * stride_lb + i_h * stride_lh + (q_start + o_m) * stride_ls, b_lse, mask=m_m)

@@ -137,7 +137,7 @@ def _rotate_heads(p_x, p_y, N_HEADS, b_cos, b_sin, o_s, m_s, o_f, m_f, o_p, m_p,
             store_block(p_yh, b_xp, o_s, m_s, stride_ys, stride_yd, o_p, m_p)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SEQ", "stride_pb", "stride_setb"])  # a new length compiles nothing new
 def rotary_kernel(
     p_q, p_k, p_q_out, p_k_out, p_pos, p_set, p_tab,
     # runtime scalars

@@ -26,6 +26,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pinned_tiles() -> bool:
+    """True when LONGROPE_TRITON_PIN_TILES=1: every launch takes the first tile of its list instead
+    of autotuning, so separate processes (training ranks, reruns) run the same kernels."""
+    return os.environ.get("LONGROPE_TRITON_PIN_TILES", "0") == "1"
+
+
 def use_kernel(t: torch.Tensor) -> bool:
     """Run the Triton kernel for this tensor (else the PyTorch path).
 

@@ -20,6 +20,7 @@ from ._dispatch import use_kernel
 from ._validation import (check_config, check_gqa, check_heads, check_position_range, check_positions,
                           check_same, check_seq_len)
 from .config import LongRoPEConfig
+from .decode import DECODE_MAX_QUERIES, decode_forward
 from .rotary import compute_dtype, config_from_args, launch_rotary, regime_sets, resolve_positions, rope_args
 from .kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                     attention_bwd_preprocess_kernel)
@@ -228,7 +229,8 @@ def _autotuned(kernel, tiles, key):
 
     def keep_row_class(all_configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return configs[row_class(args["BLOCK_D"], args["p_q"].element_size())]
+        tiles = configs[row_class(args["BLOCK_D"], args["p_q"].element_size())]
+        return tiles[:1] if _dispatch.pinned_tiles() else tiles
 
     return triton.autotune([c for cs in configs.values() for c in cs], key=key,
                            prune_configs_by={"early_config_prune": keep_row_class})(kernel)
@@ -281,8 +283,12 @@ def rotate_once(q, k, cfg, plan, rotate_q, rotate_k, conjugate=False, q_out=None
 def attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k):
     """Triton forward: (out, lse, q_rot, k_rot). out in q's layout and dtype; lse float32 (B, Hq, Sq),
     base 2 of the scaled scores; q_rot / k_rot the rotated inputs (what the backward reads and a KV
-    cache stores), each an empty tensor when that input is not rotated."""
+    cache stores), each an empty tensor when that input is not rotated. A few query rows (a decode
+    step) take the split-KV kernels of decode.py, whose out and lse the same backward reads."""
     q_rot, k_rot = rotate_once(q, k, cfg, plan, rotate_q, rotate_k)
+    if not plan.varlen and q.shape[2] <= DECODE_MAX_QUERIES:
+        out, lse = decode_forward(q_rot, k_rot, v, causal, softmax_scale)
+        return out, lse, q_rot if rotate_q else q.new_empty(0), k_rot if rotate_k else q.new_empty(0)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     args = (q_rot, k_rot, v, out, lse, *_bounds(plan), softmax_scale * 1.4426950408889634, q.shape[2], k.shape[2],
@@ -338,13 +344,13 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_id
                   cu_seqlens_k: Optional[torch.Tensor], causal: bool, softmax_scale: float,
                   seq_len: Optional[int], rotate_q: bool, rotate_k: bool, head_dim: int,
                   rotary_dim: int, base: float, original_max: int, max_pos: int, short_factor: list[float],
-                  long_factor: list[float], start_token: int, mscale: float,
+                  long_factor: list[float], start_token: int, short_mscale: float, long_mscale: float,
                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, q_rot, k_rot). lse (base-2 log-sum-exp, float32) feeds the kernel backward
     (the PyTorch path recomputes and returns zeros). q_rot / k_rot: the rotated q / k when rotated,
     else empty tensors."""
     cfg = config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
-                           start_token, mscale, interleaved)
+                           start_token, short_mscale, long_mscale, interleaved)
     plan = _Plan(cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len)
     if use_kernel(q):
         return attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
@@ -369,10 +375,10 @@ def _attention_backward_op(grad_out: torch.Tensor, q_rot: torch.Tensor, k_rot: t
                            causal: bool, softmax_scale: float, seq_len: Optional[int], rotate_q: bool,
                            rotate_k: bool, head_dim: int, rotary_dim: int, base: float,
                            original_max: int, max_pos: int, short_factor: list[float], long_factor: list[float],
-                           start_token: int, mscale: float,
+                           start_token: int, short_mscale: float, long_mscale: float,
                            interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
-                           start_token, mscale, interleaved)
+                           start_token, short_mscale, long_mscale, interleaved)
     plan = _Plan(cfg, q_rot, k_rot, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len)
     if use_kernel(q_rot):
         return attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal,
@@ -481,6 +487,9 @@ def fused_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg:
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
             or not math.isfinite(softmax_scale):
         raise TypeError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    if k_is_rotated and k.shape[2] < q.shape[2]:
+        raise ValueError(f"k_is_rotated: the KV cache holds {k.shape[2]} keys, fewer than the {q.shape[2]} queries "
+                         f"(a cache includes the step's own tokens)")
     if k_is_rotated and return_rotated_k:
         raise ValueError("return_rotated_k needs raw keys, but k_is_rotated says k is already rotated")
     cu_seqlens_q = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[2], q.device)

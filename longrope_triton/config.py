@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Optional, Sequence
 
 # Hugging Face rope types whose factors do not depend on the sequence length and
@@ -107,6 +108,8 @@ class LongRoPEConfig:
         start_token: n_hat; positions < n_hat are rotated without rescaling and without mscale.
         attention_factor: mscale multiplying cos and sin (None -> sqrt(1 + ln s / ln L_orig)).
         interleaved: rotate pairs (2i, 2i+1) (GPT-J) instead of (i, i + r/2) (Llama/NeoX).
+        short_mscale, long_mscale: per-regime attention factors (Phi-3-small / PhiMoE style); each one
+            given replaces attention_factor in its regime, None keeps it (see ``regime_mscale``).
 
     Example:
         >>> cfg = LongRoPEConfig(head_dim=64, original_max_position_embeddings=4096,
@@ -125,6 +128,8 @@ class LongRoPEConfig:
     start_token: int = 0
     attention_factor: Optional[float] = None
     interleaved: bool = False
+    short_mscale: Optional[float] = None
+    long_mscale: Optional[float] = None
 
     def __post_init__(self):
         self.head_dim = _check_int("head_dim", self.head_dim, 2)
@@ -149,8 +154,9 @@ class LongRoPEConfig:
         self.short_factor = _as_factor_list("short_factor", self.short_factor, half)
         self.long_factor = _as_factor_list("long_factor", self.long_factor, half)
         self.start_token = _check_int("start_token", self.start_token, 0)
-        if self.attention_factor is not None:
-            self.attention_factor = _check_positive_float("attention_factor", self.attention_factor)
+        for name in ("attention_factor", "short_mscale", "long_mscale"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _check_positive_float(name, getattr(self, name)))
         if not isinstance(self.interleaved, bool):
             raise TypeError(f"interleaved must be a bool, got {type(self.interleaved).__name__}")
 
@@ -162,10 +168,17 @@ class LongRoPEConfig:
 
     @property
     def mscale(self) -> float:
-        """The attention factor actually applied (to cos and sin, both regimes, positions >= n_hat)."""
+        """The single attention factor: attention_factor, else the default. It multiplies cos and sin
+        at positions >= n_hat in every regime that has no factor of its own (``regime_mscale``)."""
         if self.attention_factor is not None:
             return self.attention_factor
         return default_mscale(self.scale, self.original_max_position_embeddings)
+
+    def regime_mscale(self, long: bool) -> float:
+        """The attention factor applied with the long (True) or short (False) factor set: long_mscale /
+        short_mscale when given (they win over attention_factor, as in transformers' PhiMoE), else mscale."""
+        own = self.long_mscale if long else self.short_mscale
+        return self.mscale if own is None else own
 
     def use_long(self, seq_len: int) -> bool:
         """True iff the long factors apply to a sequence of this length (seq_len > L_orig)."""
@@ -279,7 +292,10 @@ class LongRoPEConfig:
 
         Supports the rope types 'default', 'linear', 'yarn', 'llama3' and 'longrope'. Phi-3
         keeps original_max_position_embeddings at the top level; Llama/Mistral/Qwen2 inside
-        the rope dict — both are read.
+        the rope dict — both are read. The rope dict's 'short_mscale' / 'long_mscale' are read
+        for the model types whose transformers code applies them (PhiMoE); every other model
+        applies attention_factor in both regimes and ignores them, and so does from_hf (with a
+        warning), so that a patched model runs what the stock one runs.
         """
         params = dict(_hf_rope_dict(hf_config))
         rope_type = params.get("rope_type", params.get("type", "default"))
@@ -296,7 +312,8 @@ class LongRoPEConfig:
         common = dict(head_dim=head_dim, rotary_dim=rotary_dim, base=base,
                       original_max_position_embeddings=orig,
                       max_position_embeddings=max(max_pos, orig),
-                      start_token=int(params.get("longrope_start_token", 0)))
+                      start_token=int(params.get("longrope_start_token", 0)),
+                      **_hf_regime_mscales(hf_config, params, rope_type))
         half = rotary_dim // 2
         if rope_type == "longrope":
             factor = params.get("factor")
@@ -330,17 +347,25 @@ class LongRoPEConfig:
     def to_hf(self) -> dict:
         """A ``rope_parameters`` dict (rope_type 'longrope') that stock transformers runs with the
         same numbers. n_hat > 0 has no Hugging Face equivalent: it is written as
-        'longrope_start_token', which only this library reads."""
+        'longrope_start_token', which only this library reads.
+
+        A config with short_mscale / long_mscale also gets those keys (resolved, as transformers'
+        PhiMoE reads them); attention_factor is then the factor both regimes share, or ``mscale``
+        when they differ: a model that applies one attention_factor in both regimes cannot run
+        two (``set_rope`` refuses to write them into one)."""
         if self.interleaved:
             raise ValueError("interleaved pairs have no Hugging Face equivalent (HF rotates (i, i + r/2))")
+        short_m, long_m = self.regime_mscale(False), self.regime_mscale(True)
         out: dict[str, Any] = {
             "rope_type": "longrope",
             "rope_theta": self.base,
             "short_factor": list(self.short_factor),
             "long_factor": list(self.long_factor),
             "original_max_position_embeddings": self.original_max_position_embeddings,
-            "attention_factor": self.mscale,
+            "attention_factor": short_m if short_m == long_m else self.mscale,
         }
+        if self.short_mscale is not None or self.long_mscale is not None:
+            out["short_mscale"], out["long_mscale"] = short_m, long_m
         if self.rotary_dim != self.head_dim:
             out["partial_rotary_factor"] = self.rotary_dim / self.head_dim
         if self.start_token:
@@ -371,6 +396,27 @@ class LongRoPEConfig:
         if unknown:
             raise ValueError(f"unknown LongRoPEConfig fields in JSON: {sorted(unknown)}")
         return cls(**data)
+
+
+# Model types whose transformers code multiplies cos/sin by the rope dict's short_mscale or
+# long_mscale, by regime (PhimoeRotaryEmbedding.forward: the key wins over attention_factor). Every
+# other model (Phi-3 included: _compute_longrope_parameters) applies one attention_factor in both
+# regimes and ignores those keys.
+_REGIME_MSCALE_MODELS = ("phimoe",)
+_REGIME_MSCALE_KEYS = ("short_mscale", "long_mscale")
+
+
+def _hf_regime_mscales(hf_config, params: dict, rope_type: str) -> dict:
+    """The rope dict's per-regime attention factors as LongRoPEConfig fields, where the model applies them."""
+    given = {key: params[key] for key in _REGIME_MSCALE_KEYS if params.get(key) is not None}
+    model_type = getattr(hf_config, "model_type", None)
+    if not given or (model_type in _REGIME_MSCALE_MODELS and rope_type != "default"):
+        return given
+    warnings.warn(f"the rope dict has {', '.join(sorted(given))}, which transformers' {model_type!r} model "
+                  f"ignores (it applies attention_factor in both regimes); LongRoPEConfig.from_hf ignores them "
+                  f"too. Pass LongRoPEConfig(short_mscale=..., long_mscale=...) to run them.", UserWarning,
+                  stacklevel=3)
+    return {}
 
 
 def _hf_rope_dict(hf_config) -> dict:

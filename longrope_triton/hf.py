@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from .attention import fused_rope_attention
-from .config import LongRoPEConfig, _hf_rope_dict
+from .config import _REGIME_MSCALE_KEYS, _REGIME_MSCALE_MODELS, LongRoPEConfig, _hf_rope_dict
 from .rotary import apply_rotary
 
 __all__ = ["patch_model", "set_rope", "unpatch_model", "is_patched", "supported_families"]
@@ -601,13 +601,16 @@ def set_rope(model, cfg: LongRoPEConfig):
     config (so the unpatched model runs it too), and updates a patched model's factors.
     ``model.save_pretrained`` then writes a config that stock transformers loads and runs with
     the same numbers (n_hat > 0 excepted: stored as 'longrope_start_token', read only here).
+    Per-regime attention factors (short_mscale / long_mscale) are written for the model types
+    that read them (PhiMoE); any other model applies one attention_factor in both regimes.
 
-    Returns the model. Raises ValueError/TypeError when cfg does not fit the model.
+    Returns the model. Raises ValueError/TypeError when cfg does not fit the model, or when its
+    two regimes' attention factors differ and the model applies one factor in both.
     """
     family, modules = _resolve_family(model)
     config = model.config
     cfg = _check_cfg(cfg, config, modules)
-    params = cfg.to_hf()
+    params = _regime_mscale_params(cfg, getattr(config, "model_type", None))
     old = _hf_rope_dict(config)
     if "partial_rotary_factor" in old:  # Phi-3 indexes it unconditionally
         params.setdefault("partial_rotary_factor", old["partial_rotary_factor"])
@@ -620,6 +623,23 @@ def set_rope(model, cfg: LongRoPEConfig):
     if state is not None:
         state.cfg = cfg
     return model
+
+
+def _regime_mscale_params(cfg: LongRoPEConfig, model_type: Optional[str]) -> dict:
+    """cfg.to_hf() with the per-regime attention factors the model type reads: both keys where it
+    reads (and requires) them, none where it applies attention_factor in both regimes."""
+    params = cfg.to_hf()
+    short_m, long_m = cfg.regime_mscale(False), cfg.regime_mscale(True)
+    if model_type in _REGIME_MSCALE_MODELS:
+        params.update(short_mscale=short_m, long_mscale=long_m)
+        return params
+    if short_m != long_m:
+        raise ValueError(f"transformers' {model_type!r} model applies one attention_factor in both regimes, so "
+                         f"short_mscale {short_m} and long_mscale {long_m} cannot be written into its config "
+                         f"(patch_model(model, cfg) runs them)")
+    for key in _REGIME_MSCALE_KEYS:
+        params.pop(key, None)  # equal to attention_factor, and stock transformers warns about unknown keys
+    return params
 
 
 def _rebuild_rotary_embeddings(model) -> None:

@@ -27,7 +27,8 @@ def scaled_inv_freq(cfg: LongRoPEConfig, long: bool, device=None) -> torch.Tenso
 
 
 def rope_cos_sin(cfg: LongRoPEConfig, positions: torch.Tensor, long: bool):
-    """mscale * cos(phi) and mscale * sin(phi) in float64, shape positions.shape + (r/2,).
+    """mscale * cos(phi) and mscale * sin(phi) in float64, shape positions.shape + (r/2,), with the
+    attention factor of the regime (``cfg.regime_mscale(long)``).
 
     Positions below n_hat (``cfg.start_token``) use the unscaled frequencies and mscale 1.
     """
@@ -37,7 +38,7 @@ def rope_cos_sin(cfg: LongRoPEConfig, positions: torch.Tensor, long: bool):
     bypass = (positions < cfg.start_token)[..., None]
     phi = torch.where(bypass, plain, scaled)
     m = torch.where(bypass, torch.ones((), dtype=torch.float64, device=positions.device),
-                    torch.full((), cfg.mscale, dtype=torch.float64, device=positions.device))
+                    torch.full((), cfg.regime_mscale(long), dtype=torch.float64, device=positions.device))
     return m * torch.cos(phi), m * torch.sin(phi)
 
 

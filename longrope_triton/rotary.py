@@ -20,25 +20,27 @@ from .tables import SET_LONG, SET_SHORT, cached_tables
 # ---------------------------------------------------------------------------- config <-> op args
 # torch.library ops take only tensors and primitives, so a config travels as these fields.
 def rope_args(cfg: LongRoPEConfig) -> dict:
-    """The config as primitive keyword arguments of the custom ops (mscale resolved)."""
+    """The config as primitive keyword arguments of the custom ops (each regime's mscale resolved)."""
     return dict(head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, base=cfg.base,
                 original_max=cfg.original_max_position_embeddings, max_pos=cfg.max_position_embeddings,
                 short_factor=list(cfg.short_factor), long_factor=list(cfg.long_factor),
-                start_token=cfg.start_token, mscale=cfg.mscale, interleaved=cfg.interleaved)
+                start_token=cfg.start_token, short_mscale=cfg.regime_mscale(False),
+                long_mscale=cfg.regime_mscale(True), interleaved=cfg.interleaved)
 
 
 def config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
-                     start_token, mscale, interleaved) -> LongRoPEConfig:
+                     start_token, short_mscale, long_mscale, interleaved) -> LongRoPEConfig:
+    """The config back from rope_args; both regimes carry their resolved mscale (regime_mscale)."""
     return LongRoPEConfig(head_dim=head_dim, rotary_dim=rotary_dim, base=base,
                           original_max_position_embeddings=original_max, max_position_embeddings=max_pos,
                           short_factor=short_factor, long_factor=long_factor, start_token=start_token,
-                          attention_factor=mscale, interleaved=interleaved)
+                          interleaved=interleaved, short_mscale=short_mscale, long_mscale=long_mscale)
 
 
 def rope_tables(cfg: LongRoPEConfig, device) -> torch.Tensor:
     """The split-position cos/sin tables of this config on ``device`` (cached)."""
     return cached_tables(cfg.base, cfg.rotary_dim, cfg.max_position_embeddings, cfg.short_factor,
-                         cfg.long_factor, cfg.mscale, device)
+                         cfg.long_factor, cfg.regime_mscale(False), cfg.regime_mscale(True), device)
 
 
 def resolve_positions(cfg: LongRoPEConfig, position_ids: Optional[torch.Tensor], batch: int, seq: int,
@@ -100,10 +102,10 @@ def torch_rotary(x: torch.Tensor, pos: torch.Tensor, cfg: LongRoPEConfig, long: 
 @torch.library.custom_op("longrope_triton::rotary", mutates_args=())
 def _rotary_op(q: torch.Tensor, k: torch.Tensor, position_ids: Optional[torch.Tensor], seq_len: Optional[int],
                conjugate: bool, head_dim: int, rotary_dim: int, base: float, original_max: int, max_pos: int,
-               short_factor: list[float], long_factor: list[float], start_token: int, mscale: float,
-               interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               short_factor: list[float], long_factor: list[float], start_token: int, short_mscale: float,
+               long_mscale: float, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
-                           start_token, mscale, interleaved)
+                           start_token, short_mscale, long_mscale, interleaved)
     batch, _, seq, _ = q.shape
     pos, end = resolve_positions(cfg, position_ids, batch, seq, q.device)
     long = cfg.use_long(end if seq_len is None else seq_len)

@@ -71,6 +71,7 @@ class Variant:
     causal: bool
     varlen: bool
     interleaved: bool = False
+    seq_q: int = 256  # 1: a decode step (the split-KV kernels)
 
     @property
     def default_path(self) -> bool:
@@ -79,19 +80,19 @@ class Variant:
         return self.dtype in ("bf16", "fp16")
 
 
-def record_launches(variant: Variant):
-    """The kernel launches (name, kernel, tuned, grid, args, meta) of one forward and backward."""
+def record_launches(variant: Variant, seq_k: int = 256):
+    """The kernel launches (name, kernel, tuned, args, meta) of one forward and backward."""
     calls = []
 
     def record(name, kernel, grid, args, meta, tuned=None, interpret_meta=None):
         calls.append((name, kernel, tuned, args, {**meta, "INT64": _dispatch.needs_int64(args)}))
 
     dtype = DTYPES[variant.dtype]
-    batch, hq, hk, seq = 1, 8, 2, 256
+    batch, hq, hk, seq = 1, 8, 2, seq_k
     cfg = LongRoPEConfig(head_dim=variant.head_dim, rotary_dim=variant.rotary_dim,
                          original_max_position_embeddings=4096, max_position_embeddings=131072,
                          interleaved=variant.interleaved)
-    q = torch.zeros(batch, hq, seq, variant.head_dim, dtype=dtype)
+    q = torch.zeros(batch, hq, variant.seq_q, variant.head_dim, dtype=dtype)
     k = torch.zeros(batch, hk, seq, variant.head_dim, dtype=dtype)
     v = torch.zeros_like(k)
     cu = torch.tensor([0, 100, seq], dtype=torch.int32) if variant.varlen else None
@@ -112,7 +113,7 @@ def tile_configs(name, tuned, args, meta):
     """The configs the launcher may pick for this launch: the autotuner's pruned list, or the
     launch's own fixed meta-parameters."""
     if tuned is None:
-        return [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=3)]
+        return [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))]
     named = dict(zip(tuned.arg_names, args))
     return tuned.early_config_prune(tuned.configs, named, **meta)
 
@@ -143,10 +144,12 @@ SHAPES = [(64, 64), (80, 80), (96, 96), (128, 128), (128, 96), (256, 256)]  # (h
 
 def variants(dtypes):
     """Every variant a user can reach in these dtypes: head_dims 64-256 (partial rotary included),
-    causal or not, packed (varlen) or not, and one interleaved config."""
+    causal or not, packed (varlen) or not, one interleaved config, and decode steps (Sq = 1)."""
     for dtype, (d, r), causal, varlen in itertools.product(dtypes, SHAPES, (True, False), (False, True)):
         yield Variant(dtype, d, r, causal, varlen)
     yield Variant(dtypes[0], 128, 128, True, False, interleaved=True)
+    for dtype, d, causal in itertools.product(dtypes, (64, 128, 256), (True, False)):
+        yield Variant(dtype, d, d, causal, False, seq_q=1)
 
 
 def jobs_of(variant_list):
@@ -156,7 +159,7 @@ def jobs_of(variant_list):
     for variant in variant_list:
         for name, kernel, tuned, args, meta in record_launches(variant):
             for config in tile_configs(name, tuned, args, dict(meta)):
-                meta_no_warps = {k: v for k, v in meta.items() if k != "num_warps"}
+                meta_no_warps = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
                 key = (name, variant.dtype, tuple(sorted(meta_no_warps.items())), str(config.kwargs),
                        config.num_warps, config.num_stages)
                 seen.setdefault(key, (name, kernel, args, meta_no_warps, config, variant, set()))[-1].add(
@@ -196,6 +199,24 @@ def problems(record, arch) -> list[str]:
     return out
 
 
+def new_variants_across_lengths(lengths=(1000, 256, 77), arch: int = 90) -> dict:
+    """Kernels compiled by bf16 head_dim-128 calls that differ only in sequence length, beyond those
+    the first length compiled (all 0: lengths are not specialized, a new length compiles nothing)."""
+    driver.set_active(TargetDriver(arch))
+    first = {}
+    counts = {}
+    for length in lengths:
+        for name, kernel, tuned, args, meta in record_launches(Variant("bf16", 128, 128, True, False, seq_q=length),
+                                                               seq_k=length):
+            meta = dict(meta)
+            config = tile_configs(name, tuned, args, meta)[0]  # pops the untuned launch's warps/stages
+            kernel.warmup(*args, grid=(1,), **meta, **config.kwargs, num_warps=config.num_warps,
+                          num_stages=config.num_stages, **_dispatch.LAUNCH_OPTIONS)
+            counts[name] = sum(len(cache[0]) for cache in kernel.device_caches.values())
+        first = first or dict(counts)
+    return {name: counts[name] - first[name] for name in counts}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
@@ -203,7 +224,13 @@ def main(argv=None) -> int:
                         help="comma-separated; the budget (no spills) holds for bf16 and fp16, fp32 is reported")
     parser.add_argument("--json", help="write every record here")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--lengths", action="store_true",
+                        help="only check that calls differing in sequence length compile no new kernel")
     args = parser.parse_args(argv)
+    if args.lengths:
+        extra = new_variants_across_lengths(arch=args.arch)
+        print(json.dumps(extra))
+        return 0 if not any(extra.values()) else 1
     _JOBS[:] = jobs_of(variants(args.dtypes.split(",")))
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:

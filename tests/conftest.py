@@ -2,6 +2,8 @@
 
 - Every test starts from ``torch.manual_seed(0)`` (autouse fixture).
 - ``@pytest.mark.gpu`` tests are skipped when no CUDA device is available.
+- ``path`` (fixture) runs a test on the PyTorch path and, under TRITON_INTERPRET=1, on the
+  Triton kernel in the interpreter.
 - ``assert_parity`` compares a result against a float64 reference with a tolerance
   that means something for the dtype (STYLE.md "Tests"), and reports the RMS error
   ratio in the failure message.
@@ -45,6 +47,20 @@ def _seed():
 def interpreter_mode() -> bool:
     """True when CPU tensors run the Triton kernels in Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Read once, at collection: a test module's autouse fixture may switch the flag off per test.
+INTERPRETED = interpreter_mode()
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def path(request, monkeypatch):
+    """Run a test on the PyTorch path and on the Triton kernel (CPU: the interpreter, so only when
+    the run started under TRITON_INTERPRET=1)."""
+    if request.param == "kernel" and not INTERPRETED:
+        pytest.skip("the Triton kernel runs on CPU only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "kernel" else "0")
+    return request.param
 
 
 def _rms(t: torch.Tensor) -> float:

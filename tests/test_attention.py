@@ -18,16 +18,6 @@ from longrope_triton.reference import fused_rope_attention_reference, varlen_att
 INTERPRETED = triton_interpret()
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def path(request, monkeypatch):
-    """Run a test on the Triton kernel (interpreter) and on the PyTorch path."""
-    if request.param == "kernel" and not INTERPRETED:
-        pytest.skip("the Triton kernel runs on CPU only under TRITON_INTERPRET=1")
-    if request.param == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
-
-
 def make_cfg(head_dim=64, rotary_dim=None, original=64, maximum=4096, start_token=3, interleaved=False, seed=1):
     """A config whose factors differ per dimension and between regimes (a uniform factor hides index bugs)."""
     r = rotary_dim or head_dim
@@ -316,3 +306,16 @@ def test_gpu_offsets_past_int32():
     q_ref, k_ref = apply_rotary(small[0].detach(), small[1].detach(), cfg)
     torch.testing.assert_close(q_rot[2:], q_ref)
     torch.testing.assert_close(k_rot[2:], k_ref)
+
+
+def test_pinned_tiles_take_the_first_tile_of_the_list(monkeypatch):
+    """LONGROPE_TRITON_PIN_TILES=1: no autotuning, the same kernel in every process."""
+    from longrope_triton import attention
+
+    named = {"p_q": torch.empty(1, 2, 8, 128, dtype=torch.bfloat16)}
+    for tuned in (attention._fwd_tuned, attention._dkdv_tuned, attention._dq_tuned):
+        full = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128)
+        monkeypatch.setenv("LONGROPE_TRITON_PIN_TILES", "1")
+        pinned = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128)
+        monkeypatch.delenv("LONGROPE_TRITON_PIN_TILES")
+        assert len(full) > 1 and pinned == full[:1]

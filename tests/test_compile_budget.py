@@ -52,3 +52,15 @@ def test_the_budget_covers_what_the_issue_names(records):
             assert {r["causal"] for r in mine} == {True, False}
             assert {r["is_varlen"] for r in mine} == {True, False}
     assert any(r["kernel"] == "rotary" for r in recs)
+    for kernel in ("attention decode", "attention decode merge"):
+        assert {r["dtype"] for r in recs if r["kernel"] == kernel} == {"bf16", "fp16"}, kernel
+
+
+def test_a_new_sequence_length_compiles_no_new_kernel():
+    """Autotune keys and specialization exclude lengths (and the LSE strides that follow them)."""
+    if not (TOOLS / "ptxas").exists():
+        pytest.skip("Triton's bundled ptxas is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_check.py"), "--lengths"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"new kernels per length: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"

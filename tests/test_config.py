@@ -21,7 +21,8 @@ from transformers.modeling_rope_utils import (  # noqa: E402
 )
 
 FIELDS = ("head_dim", "rotary_dim", "base", "original_max_position_embeddings", "max_position_embeddings",
-          "short_factor", "long_factor", "start_token", "attention_factor", "interleaved")
+          "short_factor", "long_factor", "start_token", "attention_factor", "interleaved", "short_mscale",
+          "long_mscale")
 
 # Tiny model sizes for Hugging Face configs (only the rope-related fields matter).
 HF_TINY = dict(num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1, intermediate_size=16,
@@ -62,6 +63,16 @@ def base_kwargs(**changes):
     pytest.param(dict(attention_factor=float("nan")), ValueError, r"attention_factor must be finite and positive",
                  id="attention_factor-nan"),
     pytest.param(dict(attention_factor="1.2"), TypeError, r"attention_factor must be a float", id="attention_factor-str"),
+    pytest.param(dict(short_mscale=0.0), ValueError, r"short_mscale must be finite and positive",
+                 id="short_mscale-zero"),
+    pytest.param(dict(long_mscale=-1.2), ValueError, r"long_mscale must be finite and positive",
+                 id="long_mscale-negative"),
+    pytest.param(dict(long_mscale=float("inf")), ValueError, r"long_mscale must be finite and positive",
+                 id="long_mscale-inf"),
+    pytest.param(dict(short_mscale=float("nan")), ValueError, r"short_mscale must be finite and positive",
+                 id="short_mscale-nan"),
+    pytest.param(dict(short_mscale="1.1"), TypeError, r"short_mscale must be a float", id="short_mscale-str"),
+    pytest.param(dict(long_mscale=True), TypeError, r"long_mscale must be a float", id="long_mscale-bool"),
     pytest.param(dict(base=1.0), ValueError, r"base must be > 1", id="base-1"),
     pytest.param(dict(base=float("inf")), ValueError, r"base must be finite and positive", id="base-inf"),
     pytest.param(dict(head_dim=32.0), TypeError, r"head_dim must be an int", id="head_dim-float"),
@@ -303,6 +314,8 @@ def _rich_config():
 
 @pytest.mark.parametrize("cfg", [pytest.param(_rich_config(), id="rich"),
                                  pytest.param(LongRoPEConfig(), id="defaults"),
+                                 pytest.param(_rich_config().replace(short_mscale=1.05, long_mscale=1.4),
+                                              id="per-regime-mscale"),
                                  pytest.param(LongRoPEConfig.yarn(64, 4096, 32768), id="yarn")])
 def test_json_round_trip_text(cfg):
     text = cfg.to_json()
@@ -313,6 +326,7 @@ def test_json_round_trip_text(cfg):
     back = LongRoPEConfig.from_json(text)
     assert back == cfg
     assert back.mscale == cfg.mscale
+    assert back.regime_mscale(False) == cfg.regime_mscale(False) and back.regime_mscale(True) == cfg.regime_mscale(True)
 
 
 def test_json_round_trip_file(tmp_path):
@@ -364,11 +378,12 @@ def _phi3_from(cfg):
 
 
 def _same_numbers(a: LongRoPEConfig, b: LongRoPEConfig):
-    """Equal as a model: every field, with attention_factor compared as the resolved mscale."""
+    """Equal as a model: every field, with the attention factors compared as each regime's resolved one."""
     for name in FIELDS:
-        if name != "attention_factor":
+        if name not in ("attention_factor", "short_mscale", "long_mscale"):
             assert getattr(a, name) == getattr(b, name), name
-    assert a.mscale == pytest.approx(b.mscale, rel=1e-15)
+    for long in (False, True):
+        assert a.regime_mscale(long) == pytest.approx(b.regime_mscale(long), rel=1e-15)
 
 
 HF_CASES = [

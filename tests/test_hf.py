@@ -8,7 +8,8 @@ original_max_position_embeddings = 32, so sequences of 48 tokens run the long re
 Tolerance: logits within 1e-4 of the stock eager model (measured ~2e-7: the only
 difference is the angle, float64 here vs float32 in transformers). Most tests force the
 PyTorch path (the integration logic is the same on both paths and the Triton interpreter
-is slow); the ``path`` fixture also runs a few on the Triton kernel under TRITON_INTERPRET=1.
+is slow); the ``path`` fixture (conftest.py) also runs a few on the Triton kernel under
+TRITON_INTERPRET=1.
 """
 
 import os
@@ -24,13 +25,11 @@ transformers = pytest.importorskip("transformers")
 
 import longrope_triton.hf as hf  # noqa: E402
 from longrope_triton import LongRoPEConfig, patch_model, set_rope, unpatch_model  # noqa: E402
-from longrope_triton._dispatch import triton_interpret  # noqa: E402
 
 ORIG, MAX_POS, HEAD_DIM = 32, 128, 16
 SHORT, LONG = 20, 48  # sequence lengths below / above ORIG
 TOL = 1e-4
 FAMILIES = ["llama", "mistral", "qwen2", "phi3"]
-INTERPRETED = triton_interpret()
 
 
 @pytest.fixture(autouse=True)
@@ -41,16 +40,6 @@ def _torch_path_and_quiet(monkeypatch):
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
         yield
-
-
-@pytest.fixture(params=["torch", "kernel"])
-def path(request, monkeypatch):
-    """Run a test on the PyTorch path and on the Triton kernel (interpreter on CPU)."""
-    if request.param == "kernel":
-        if not INTERPRETED:
-            pytest.skip("the Triton kernel runs on CPU only under TRITON_INTERPRET=1")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
 
 
 @pytest.fixture
@@ -401,6 +390,87 @@ def test_llama_pattern_models_are_detected():
     assert (out - stock).abs().max() <= TOL
     with pytest.raises(ValueError, match="Llama pattern"):
         patch_model(OlmoForCausalLM(OlmoConfig(**common, clip_qkv=1.0)))
+
+
+# ---------------------------------------------------------------------------- per-regime attention factors
+# Rope dict keys short_mscale / long_mscale (tests/test_mscale.py checks the math): transformers'
+# PhiMoE applies them (the key of the regime wins over attention_factor), every other model
+# applies attention_factor in both regimes and ignores them; from_hf follows, so patched == stock.
+SHORT_M, LONG_M = 1.1, 1.6
+
+
+def _per_regime_rope(**extra):
+    return {**_rope_parameters(HEAD_DIM), "short_mscale": SHORT_M, "long_mscale": LONG_M, **extra}
+
+
+def _phimoe(rope):
+    """A tiny PhiMoE (Llama-pattern attention, detected; its rotary reads short/long_mscale)."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    config = PhimoeConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=100, max_position_embeddings=MAX_POS, num_local_experts=2,
+                          num_experts_per_tok=1, initializer_range=0.1, rope_parameters=rope, sliding_window=None,
+                          attn_implementation="eager")
+    return PhimoeForCausalLM(config).eval()
+
+
+def _patched_vs_stock(model, seq: int) -> float:
+    ids = _ids(2, seq)
+    with torch.no_grad():
+        stock = model(ids, use_cache=False).logits
+        out = patch_model(model)(ids, use_cache=False).logits
+    return float((out - stock).abs().max())
+
+
+def test_from_hf_phimoe_reads_per_regime_mscales_and_round_trips():
+    from transformers import PhimoeConfig
+
+    cfg = LongRoPEConfig.from_hf(_phimoe(_per_regime_rope(attention_factor=1.3)).config)
+    assert (cfg.short_mscale, cfg.long_mscale, cfg.attention_factor) == (SHORT_M, LONG_M, 1.3)
+    config = PhimoeConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=MAX_POS,
+                          rope_parameters=cfg.to_hf())
+    assert LongRoPEConfig.from_hf(config) == cfg
+    assert LongRoPEConfig.from_hf(PhimoeConfig.from_dict(config.to_dict())) == cfg
+
+
+@pytest.mark.parametrize("seq", [pytest.param(SHORT, id="short-S20"), pytest.param(LONG, id="long-S48")])
+def test_phi3_ignores_per_regime_mscales_as_transformers_does(seq):
+    """Phi-3's rotary (_compute_longrope_parameters) never reads the keys: from_hf warns and drops
+    them, and the patched model matches stock in both regimes."""
+    model = make_model("phi3")
+    model.config.rope_parameters.update(short_mscale=SHORT_M, long_mscale=LONG_M)
+    with pytest.warns(UserWarning, match="ignores"):
+        cfg = LongRoPEConfig.from_hf(model.config)
+    assert cfg.short_mscale is None and cfg.long_mscale is None
+    assert _patched_vs_stock(model, seq) <= TOL
+
+
+def test_phimoe_per_regime_mscales_match_stock_short_regime():
+    """attention_factor present too: the key of the regime wins, in both models."""
+    assert _patched_vs_stock(_phimoe(_per_regime_rope(attention_factor=1.3)), SHORT) <= TOL
+
+
+def test_phimoe_per_regime_mscales_match_stock_long_regime():
+    """transformers 5.24's PhimoeRotaryEmbedding recomputes inv_freq without the sequence length, so the
+    stock model keeps the short factors past the switch (older releases and vLLM switch, as the
+    patch does). With short_factor == long_factor the two agree and what is compared is the long
+    regime's own attention factor."""
+    rope = _per_regime_rope()
+    rope["short_factor"] = rope["long_factor"]
+    assert _patched_vs_stock(_phimoe(rope), LONG) <= TOL
+
+
+def test_set_rope_writes_per_regime_mscales_only_where_the_model_reads_them():
+    cfg = LongRoPEConfig.from_hf(make_model("phi3").config).replace(short_mscale=SHORT_M, long_mscale=LONG_M)
+    with pytest.raises(ValueError, match="one attention_factor in both regimes"):
+        set_rope(make_model("phi3"), cfg)
+    params = set_rope(make_model("phi3"), cfg.replace(short_mscale=1.3, long_mscale=1.3)).config.rope_parameters
+    assert params["attention_factor"] == 1.3 and "short_mscale" not in params and "long_mscale" not in params
+    model = _phimoe({**_per_regime_rope(), "short_mscale": 1.0, "long_mscale": 1.0})
+    set_rope(model, LongRoPEConfig.from_hf(model.config).replace(short_mscale=SHORT_M, long_mscale=LONG_M))
+    assert (model.config.rope_parameters["short_mscale"], model.config.rope_parameters["long_mscale"]) == \
+        (SHORT_M, LONG_M)
+    assert _patched_vs_stock(model, SHORT) <= TOL  # the rebuilt stock rotary runs the new factors too
 
 
 # ---------------------------------------------------------------------------- bad input
