@@ -129,7 +129,7 @@ def _torch_trig(cfg, pos_row: torch.Tensor, long: bool, dtype):
     return [t.to(dtype) for t in reference.rope_cos_sin(cfg, pos_row, long)]
 
 
-def _torch_rotate_into(out, x, cfg, plan, pos, long, b, rows, conjugate=False):
+def _torch_rotate_into(out, x, cfg, pos, long, b, rows, conjugate=False):
     """Rotate one sequence's rows of x (compute dtype) and write them, rounded, into out."""
     dtype = compute_dtype(x.dtype)
     trig = _torch_trig(cfg, pos[min(b, len(pos) - 1), rows], long, dtype)
@@ -146,19 +146,20 @@ def torch_attention(q, k, v, cfg: LongRoPEConfig, plan: _Plan, causal: bool, sca
     out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     for b, qs, ks, long in plan.sequences():
         if rotate_q:
-            _torch_rotate_into(q_rot, q, cfg, plan, plan.q_pos, long, b, qs)
+            _torch_rotate_into(q_rot, q, cfg, plan.q_pos, long, b, qs)
         if rotate_k:
-            _torch_rotate_into(k_rot, k, cfg, plan, plan.k_pos, long, b, ks)
+            _torch_rotate_into(k_rot, k, cfg, plan.k_pos, long, b, ks)
         qb, kb, vb = (t[b:b + 1, :, rows].to(dtype) for t, rows in ((q_rot, qs), (k_rot, ks), (v, ks)))
         out[b:b + 1, :, qs] = _torch_sdpa(qb, kb, vb, causal, scale).to(q.dtype)
     return out, q_rot, k_rot
 
 
-def torch_attention_backward(grad_out, q_rot, k_rot, v, cfg: LongRoPEConfig, plan: _Plan, causal: bool,
-                             scale: float, rotate_q: bool, rotate_k: bool):
+def torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg: LongRoPEConfig, plan: _Plan,
+                             causal: bool, scale: float, rotate_q: bool, rotate_k: bool):
     """PyTorch-path gradients (the FlashAttention-2 formulas, chunked over query rows) on the rotated
     operands: dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q in the
-    rotated space, then the conjugate rotation back; GQA gradients summed over each group."""
+    rotated space (plus grad_k_rot, the gradient reaching returned rotated keys, or None), then the
+    conjugate rotation back; GQA gradients summed over each group."""
     dtype = compute_dtype(q_rot.dtype)
     dq, dk, dv = torch.zeros_like(q_rot), torch.zeros_like(k_rot), torch.zeros_like(v)
     dq_rot = torch.zeros(q_rot.shape, dtype=dtype, device=q_rot.device)
@@ -185,11 +186,13 @@ def torch_attention_backward(grad_out, q_rot, k_rot, v, cfg: LongRoPEConfig, pla
             dq_rot[b:b + 1, :, qs][:, :, a:e] = torch.matmul(ds, kb) * scale
             dkb += torch.matmul(ds.transpose(-1, -2), qb[:, :, a:e]) * scale
         dk_rot[b:b + 1, :, ks] = fold(dkb)
+        if grad_k_rot is not None:
+            dk_rot[b:b + 1, :, ks] += grad_k_rot[b:b + 1, :, ks]
         dv[b:b + 1, :, ks] = fold(dvb).to(v.dtype)
         for grad_rot, grad, pos, rows, rotate in ((dq_rot, dq, plan.q_pos, qs, rotate_q),
                                                   (dk_rot, dk, plan.k_pos, ks, rotate_k)):
             if rotate:
-                _torch_rotate_into(grad, grad_rot, cfg, plan, pos, long, b, rows, conjugate=True)
+                _torch_rotate_into(grad, grad_rot, cfg, pos, long, b, rows, conjugate=True)
             else:
                 grad[b:b + 1, :, rows] = grad_rot[b:b + 1, :, rows].to(grad.dtype)
     return dq, dk, dv
@@ -383,24 +386,13 @@ def _attention_backward_op(grad_out: torch.Tensor, q_rot: torch.Tensor, k_rot: t
     if use_kernel(q_rot):
         return attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal,
                                   softmax_scale, rotate_q, rotate_k)
-    dq, dk, dv = torch_attention_backward(grad_out, q_rot, k_rot, v, cfg, plan, causal, softmax_scale, rotate_q,
-                                          rotate_k)
-    if grad_k_rot is not None:
-        dk = dk + _torch_unrotate(grad_k_rot, cfg, plan)
-    return dq, dk, dv
+    return torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg, plan, causal, softmax_scale,
+                                    rotate_q, rotate_k)
 
 
 @_attention_backward_op.register_fake
 def _(grad_out, q_rot, k_rot, v, *args):
     return torch.empty_like(q_rot), torch.empty_like(k_rot), torch.empty_like(v)
-
-
-def _torch_unrotate(x, cfg, plan):
-    """The conjugate rotation of a (B, H, Sk, D) key-space tensor, sequence by sequence (PyTorch path)."""
-    y = torch.empty_like(x)
-    for b, _, ks, long in plan.sequences():
-        _torch_rotate_into(y, x, cfg, plan, plan.k_pos, long, b, ks, conjugate=True)
-    return y
 
 
 def _attention_setup_context(ctx, inputs, output):

@@ -319,3 +319,24 @@ def test_pinned_tiles_take_the_first_tile_of_the_list(monkeypatch):
         pinned = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128)
         monkeypatch.delenv("LONGROPE_TRITON_PIN_TILES")
         assert len(full) > 1 and pinned == full[:1]
+
+
+def test_gradient_through_the_returned_rotated_keys(path):
+    """A loss on the keys return_rotated_k hands out (what a cache stores) reaches k as well."""
+    cfg = make_cfg(original=48)
+    q, k, v = make_qkv(1, 4, 2, 30, 30, 64, torch.float32)
+    w = torch.randn(1, 2, 30, 64)
+
+    def ours(q_, k_, v_):
+        out, k_rot = fused_rope_attention(q_, k_, v_, cfg, return_rotated_k=True)
+        return (out * out).sum() + (k_rot * w).sum()
+
+    def reference(q_, k_, v_):
+        k_rot = apply_rotary(q_, k_, cfg)[1]
+        return (fused_rope_attention_reference(q_, k_, v_, cfg) ** 2).sum() + (k_rot * w.double()).sum()
+
+    grads = [torch.autograd.grad(f(*x), x) for f, x in (
+        (ours, [t.detach().clone().requires_grad_() for t in (q, k, v)]),
+        (reference, [t.detach().double().requires_grad_() for t in (q, k, v)]))]
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert (a.double() - b).abs().max() <= 2e-5 * max(1.0, b.abs().max().item()), name
