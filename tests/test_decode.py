@@ -115,3 +115,26 @@ def test_decode_bf16_on_gpu(sq, sk):
     ref = fused_rope_attention_reference(q.double(), k.double(), v.double(), cfg, **kwargs)
     eager = fused_rope_attention_reference(q, k, v, cfg, dtype=torch.bfloat16, **kwargs)  # PyTorch in bf16
     assert (out.double() - ref).abs().max() <= 2 * (eager.double() - ref).abs().max() + 1e-4
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_patched_generation_decodes_with_the_split_kernels(path, cache_kind, monkeypatch):
+    """A patched model's generation steps (DynamicCache and StaticCache) take the split-KV kernels,
+    and the tokens and per-step logits equal a recompute of the whole sequence without a cache."""
+    import longrope_triton.attention as attention
+    from longrope_triton import patch_model, unpatch_model
+    from test_hf import TOL, _generate, _ids, _recompute_logits, make_model
+    from transformers import StaticCache
+
+    if path == "torch":
+        pytest.skip("the PyTorch path has no separate decode kernel")
+    calls = []
+    monkeypatch.setattr(attention, "decode_forward", lambda *a, **kw: calls.append(a[0].shape[2]) or
+                        decode_forward(*a, **kw))
+    model = make_model("llama")
+    cache = StaticCache(config=model.config, max_cache_len=64) if cache_kind == "static" else None
+    patch_model(model)
+    sequences, logits = _generate(model, _ids(1, 36), 4, cache)
+    reference = _recompute_logits(unpatch_model(model), sequences, 36)
+    assert calls and set(calls) == {1}, "every one-token step runs the split-KV kernels"
+    assert (logits - reference).abs().max() <= TOL
