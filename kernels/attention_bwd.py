@@ -166,7 +166,8 @@ def attention_bwd_dq_kernel(
     INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(max Sq, BLOCK_M), batch or n_seqs, q_heads). dQ in the rotated space."""
-    i_m, i_b, i_h = tl.program_id(0), tl.program_id(1), widen(tl.program_id(2), INT64)
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, causal) Q tiles first, as the forward
+    i_b, i_h = tl.program_id(1), widen(tl.program_id(2), INT64)
     q_start, len_q, k_start, len_k = sequence_bounds(p_cu_q, p_cu_k, i_b, SEQ_Q, SEQ_K, IS_VARLEN, INT64)
     start_m = i_m * BLOCK_M
     if start_m >= len_q:
