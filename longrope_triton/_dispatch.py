@@ -65,12 +65,18 @@ def kernel_errors(name: str):
         raise
 
 
+def launch_meta(args, meta: dict) -> dict:
+    """The meta-parameters a launch compiles with: the caller's, plus the offset width (INT64)
+    chosen from the launch's tensors."""
+    return {**meta, "INT64": needs_int64(args)}
+
+
 def launch(name: str, kernel, grid, args, meta: dict, tuned=None, interpret_meta=None):
     """Launch a Triton kernel: the autotuned version when compiled (if given), fixed meta-parameters
     (interpret_meta) under the interpreter, which cannot time configs. The offset width (INT64) is
     chosen here from the tensors of the launch. The one place kernels are launched, so that
     scripts/compile_check.py can record every launch and compile it as the runtime would."""
-    meta = {**meta, "INT64": needs_int64(args)}
+    meta = launch_meta(args, meta)
     with kernel_errors(name), torch.device(args[0].device):
         if tuned is None:
             kernel[grid](*args, **meta, **LAUNCH_OPTIONS)

@@ -21,7 +21,8 @@ from ._validation import (check_config, check_gqa, check_heads, check_position_r
                           check_same, check_seq_len)
 from .config import LongRoPEConfig
 from .decode import DECODE_MAX_QUERIES, decode_forward
-from .rotary import compute_dtype, config_from_args, launch_rotary, regime_sets, resolve_positions, rope_args
+from .rotary import (compute_dtype, config_from_args, launch_rotary, regime_sets, resolve_positions, rope_args,
+                     torch_rotary)
 from .kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                     attention_bwd_preprocess_kernel)
 from .kernels.attention_fwd import attention_fwd_kernel
@@ -85,7 +86,6 @@ class _Plan:
         else:
             self.q_pos, end_q = resolve_positions(cfg, position_ids, batch, sq, q.device, start=sk - sq)
             self.k_pos, end_k = resolve_positions(cfg, kv_position_ids, batch, sk, q.device)
-            self.max_position = max(end_q, end_k) - 1
             long = cfg.use_long(max(end_q, end_k) if seq_len is None else seq_len)
             self.seq_sets = torch.full((batch,), SET_LONG if long else SET_SHORT, dtype=torch.int32,
                                        device=q.device)
@@ -124,16 +124,10 @@ def _torch_sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:
     return out
 
 
-def _torch_trig(cfg, pos_row: torch.Tensor, long: bool, dtype):
-    """cos/sin (float64 angles) of one sequence's positions, in the PyTorch path's compute dtype."""
-    return [t.to(dtype) for t in reference.rope_cos_sin(cfg, pos_row, long)]
-
-
 def _torch_rotate_into(out, x, cfg, pos, long, b, rows, conjugate=False):
-    """Rotate one sequence's rows of x (compute dtype) and write them, rounded, into out."""
-    dtype = compute_dtype(x.dtype)
-    trig = _torch_trig(cfg, pos[min(b, len(pos) - 1), rows], long, dtype)
-    out[b:b + 1, :, rows] = reference.rotate(x[b:b + 1, :, rows].to(dtype), *trig, cfg, conjugate).to(out.dtype)
+    """Rotate one sequence's rows of x (the PyTorch rotary path) and write them, rounded, into out."""
+    out[b:b + 1, :, rows] = torch_rotary(x[b:b + 1, :, rows], pos[min(b, len(pos) - 1), rows][None], cfg, long,
+                                         conjugate)
 
 
 def torch_attention(q, k, v, cfg: LongRoPEConfig, plan: _Plan, causal: bool, scale: float,
@@ -268,18 +262,14 @@ def _bounds(plan):
 
 def rotate_once(q, k, cfg, plan, rotate_q, rotate_k, conjugate=False, q_out=None, k_out=None):
     """q and k rotated by the rotary kernel (O(N d), once per token) with the plan's positions and
-    table sets: one launch when they share positions (self-attention), else one each. Inputs that
-    are not rotated come back as they are (or copied into the given output)."""
+    table sets, into q_out / k_out when given: one launch when they share positions
+    (self-attention), else one each. An input that is not rotated comes back as it is."""
     if rotate_q and rotate_k and plan.shared_positions:
         return launch_rotary(q, k, plan.q_pos, plan.q_sets, cfg, conjugate, q_out, k_out)
     if rotate_q:
         q = launch_rotary(q, q[:, :0], plan.q_pos, plan.q_sets, cfg, conjugate, q_out)[0]
-    elif q_out is not None and q_out is not q:
-        q = q_out.copy_(q)
     if rotate_k:
         k = launch_rotary(k[:, :0], k, plan.k_pos, plan.k_sets, cfg, conjugate, k_out=k_out)[1]
-    elif k_out is not None and k_out is not k:
-        k = k_out.copy_(k)
     return q, k
 
 
@@ -291,15 +281,21 @@ def attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotat
     q_rot, k_rot = rotate_once(q, k, cfg, plan, rotate_q, rotate_k)
     if not plan.varlen and q.shape[2] <= DECODE_MAX_QUERIES:
         out, lse = decode_forward(q_rot, k_rot, v, causal, softmax_scale)
-        return out, lse, q_rot if rotate_q else q.new_empty(0), k_rot if rotate_k else q.new_empty(0)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    args = (q_rot, k_rot, v, out, lse, *_bounds(plan), softmax_scale * 1.4426950408889634, q.shape[2], k.shape[2],
-            cfg.head_dim, q.shape[1] // k.shape[1],
-            *q_rot.stride(), *k_rot.stride(), *v.stride(), *out.stride(), *lse.stride())
-    grid = lambda m: (triton.cdiv(plan.max_q, m["BLOCK_M"]), plan.n_seqs, q.shape[1])  # noqa: E731
-    _launch("attention forward", attention_fwd_kernel, _fwd_tuned, grid, args, _common_meta(q, causal, plan))
+    else:
+        out, lse = _prefill_forward(q_rot, k_rot, v, plan, causal, softmax_scale)
     return out, lse, q_rot if rotate_q else q.new_empty(0), k_rot if rotate_k else q.new_empty(0)
+
+
+def _prefill_forward(q_rot, k_rot, v, plan, causal, softmax_scale):
+    """The FlashAttention-2 forward kernel on rotated q and k: (out, lse)."""
+    out = torch.empty_like(q_rot)
+    lse = torch.empty(q_rot.shape[:-1], dtype=torch.float32, device=q_rot.device)
+    args = (q_rot, k_rot, v, out, lse, *_bounds(plan), softmax_scale * 1.4426950408889634, q_rot.shape[2],
+            k_rot.shape[2], q_rot.shape[3], q_rot.shape[1] // k_rot.shape[1],
+            *q_rot.stride(), *k_rot.stride(), *v.stride(), *out.stride(), *lse.stride())
+    grid = lambda m: (triton.cdiv(plan.max_q, m["BLOCK_M"]), plan.n_seqs, q_rot.shape[1])  # noqa: E731
+    _launch("attention forward", attention_fwd_kernel, _fwd_tuned, grid, args, _common_meta(q_rot, causal, plan))
+    return out, lse
 
 
 def _gradient_buffer(x, rotated: bool):
@@ -317,8 +313,9 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
     grad_k_rot: the gradient reaching the rotated keys the forward returned (or None)."""
     batch, n_hq, sq, head_dim = q_rot.shape
     delta = torch.empty((batch, n_hq, sq), dtype=torch.float32, device=q_rot.device)
-    _dispatch.launch("attention backward preprocess", attention_bwd_preprocess_kernel, (triton.cdiv(sq, 64), batch, n_hq),
-                     (out, grad_out, delta, sq, head_dim, *out.stride(), *grad_out.stride()),
+    _dispatch.launch("attention backward preprocess", attention_bwd_preprocess_kernel,
+                     (triton.cdiv(sq, 64), batch, n_hq), (out, grad_out, delta, sq, head_dim, *out.stride(),
+                                                          *grad_out.stride()),
                      dict(BLOCK_M=64, BLOCK_DV=_block_d(head_dim)))
     dq, dq_acc = _gradient_buffer(q_rot, rotate_q)
     dk, dk_acc = _gradient_buffer(k_rot, rotate_k)

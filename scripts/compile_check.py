@@ -85,17 +85,17 @@ def record_launches(variant: Variant, seq_k: int = 256):
     calls = []
 
     def record(name, kernel, grid, args, meta, tuned=None, interpret_meta=None):
-        calls.append((name, kernel, tuned, args, {**meta, "INT64": _dispatch.needs_int64(args)}))
+        calls.append((name, kernel, tuned, args, _dispatch.launch_meta(args, meta)))
 
     dtype = DTYPES[variant.dtype]
-    batch, hq, hk, seq = 1, 8, 2, seq_k
+    batch, hq, hk = 1, 8, 2
     cfg = LongRoPEConfig(head_dim=variant.head_dim, rotary_dim=variant.rotary_dim,
                          original_max_position_embeddings=4096, max_position_embeddings=131072,
                          interleaved=variant.interleaved)
     q = torch.zeros(batch, hq, variant.seq_q, variant.head_dim, dtype=dtype)
-    k = torch.zeros(batch, hk, seq, variant.head_dim, dtype=dtype)
+    k = torch.zeros(batch, hk, seq_k, variant.head_dim, dtype=dtype)
     v = torch.zeros_like(k)
-    cu = torch.tensor([0, 100, seq], dtype=torch.int32) if variant.varlen else None
+    cu = torch.tensor([0, 100, seq_k], dtype=torch.int32) if variant.varlen else None
     plan = attention._Plan(cfg, q, k, None, None, cu, cu, None)
     scale = variant.head_dim ** -0.5
     saved = _dispatch.launch
@@ -109,9 +109,9 @@ def record_launches(variant: Variant, seq_k: int = 256):
     return calls
 
 
-def tile_configs(name, tuned, args, meta):
+def tile_configs(tuned, args, meta):
     """The configs the launcher may pick for this launch: the autotuner's pruned list, or the
-    launch's own fixed meta-parameters."""
+    launch's own fixed warps and stages (popped from ``meta``, which then holds the constexprs)."""
     if tuned is None:
         return [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))]
     named = dict(zip(tuned.arg_names, args))
@@ -158,12 +158,11 @@ def jobs_of(variant_list):
     seen = {}
     for variant in variant_list:
         for name, kernel, tuned, args, meta in record_launches(variant):
-            for config in tile_configs(name, tuned, args, dict(meta)):
-                meta_no_warps = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
-                key = (name, variant.dtype, tuple(sorted(meta_no_warps.items())), str(config.kwargs),
-                       config.num_warps, config.num_stages)
-                seen.setdefault(key, (name, kernel, args, meta_no_warps, config, variant, set()))[-1].add(
-                    variant.head_dim)
+            meta = dict(meta)
+            for config in tile_configs(tuned, args, meta):
+                key = (name, variant.dtype, tuple(sorted(meta.items())), str(config.kwargs), config.num_warps,
+                       config.num_stages)
+                seen.setdefault(key, (name, kernel, args, meta, config, variant, set()))[-1].add(variant.head_dim)
     return list(seen.values())
 
 
@@ -209,7 +208,7 @@ def new_variants_across_lengths(lengths=(1000, 256, 77), arch: int = 90) -> dict
         for name, kernel, tuned, args, meta in record_launches(Variant("bf16", 128, 128, True, False, seq_q=length),
                                                                seq_k=length):
             meta = dict(meta)
-            config = tile_configs(name, tuned, args, meta)[0]  # pops the untuned launch's warps/stages
+            config = tile_configs(tuned, args, meta)[0]
             kernel.warmup(*args, grid=(1,), **meta, **config.kwargs, num_warps=config.num_warps,
                           num_stages=config.num_stages, **_dispatch.LAUNCH_OPTIONS)
             counts[name] = sum(len(cache[0]) for cache in kernel.device_caches.values())
