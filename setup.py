@@ -1,8 +1,19 @@
 from setuptools import setup
 
-# The Triton kernels live in the top-level kernels/ directory but are installed as
-# the subpackage longrope_triton.kernels: a top-level "kernels" package would shadow
-# the `kernels` package that transformers probes for.
+# Why kernels/ has no __init__.py, and longrope_triton/kernels is a symlink to it.
+#
+# transformers >= 5.25 requires the Hugging Face `kernels` distribution and imports it at start-up.
+# Anything run from the repository root (python -m ..., python -c, pytest, even the build of
+# `pip install -e .`) has the root first on sys.path. If kernels/ were a regular package
+# (with an __init__.py), `import kernels` would find it there first and transformers would fail.
+# Without __init__.py it can only ever be a PEP 420 namespace portion, and the import system
+# prefers any regular package or module of that name anywhere on sys.path over namespace
+# portions: an installed `kernels` always wins, from any working directory, by construction.
+#
+# The sources stay in the top-level kernels/ (the project layout). They are the subpackage
+# longrope_triton.kernels through the symlink longrope_triton/kernels -> ../kernels: the source
+# tree, an editable install (from the root or anywhere else) and a built wheel (which copies the
+# files) all import them under that name alone. tests/test_packaging.py checks all of it.
 setup(
     name="longrope_triton",
     version="0.1.0",
@@ -13,14 +24,18 @@ setup(
     python_requires=">=3.10",
     packages=["longrope_triton", "longrope_triton.kernels", "longrope_triton.search", "longrope_triton.eval",
               "longrope_triton.train"],
-    package_dir={"longrope_triton.kernels": "kernels"},
     package_data={"longrope_triton": ["factors/*.json"]},
-    install_requires=["torch>=2.4", "triton>=3.1", "numpy"],
+    # Floors are tested versions (README "Supported versions"): scripts/test_oldest.sh runs the
+    # Hugging Face-facing tests with transformers 5.5 and triton 3.6; torch 2.11 / triton 3.6 are
+    # the GPU machine's (scripts/gpu_check.sh). The test extra pins the triton release whose sm_90
+    # code tests/test_compile_budget.py budgets: bump it deliberately, with the budgets.
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
-        "hf": ["transformers>=4.50", "safetensors"],
-        "demo": ["transformers>=4.50", "safetensors", "gguf", "accelerate", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.50", "safetensors", "gguf", "accelerate", "tqdm", "matplotlib"],
-        "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.50"],
+        "hf": ["transformers>=5.5", "safetensors"],
+        "demo": ["transformers>=5.5", "safetensors", "gguf", "accelerate", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "triton==3.9.0", "transformers>=5.5", "safetensors", "gguf",
+                 "accelerate", "tqdm", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "transformers>=5.5"],
     },
     entry_points={"console_scripts": ["longrope-triton=longrope_triton.cli:main"]},
 )

@@ -9,9 +9,10 @@ rotary embedding still runs (it is cheap) but its cos/sin are ignored.
 
 Which families are supported, and where each reads its RoPE config, is one table
 (``_FAMILIES``); any other model whose attention follows the Llama pattern is detected from
-its attention module (q/k/v/o projections, ``head_dim``, ``scaling``, ``layer_idx``, and a
-``forward``, ``rotate_half`` and ``apply_rotary_pos_emb`` with no statement the table's
-families lack). Anything else raises a ValueError rather than being patched approximately.
+its attention module: the Llama layout (q/k/v/o projections, ``head_dim``, ``scaling``,
+``layer_idx``, no other parameters) and, run on a small probe, the same output as Llama
+attention (decided by what the module computes, so an upstream rewording of its source changes
+nothing). Anything else raises a ValueError rather than being patched approximately.
 
 Paths inside a patched attention forward (all exact up to float rounding):
 
@@ -36,12 +37,10 @@ transformers is imported lazily (inside functions): importing this module has no
 
 from __future__ import annotations
 
-import ast
+import copy
 import dataclasses
 import functools
-import inspect
 import sys
-import textwrap
 import types
 import warnings
 from typing import Optional
@@ -92,12 +91,19 @@ _FAMILIES = {
     "phi3": _Family("Phi3Attention", projection="fused", original_max_top_level=True, sliding_window="config",
                     own_switch=True),
 }
-# Any other model_type is patched when its attention module has these attributes and its
-# forward, rotate_half and apply_rotary_pos_emb do nothing the table's families do not do
-# (compared statement by statement with the installed Llama/Mistral/Qwen2/Phi-3 code).
+# Any other model_type is patched when its attention module has the Llama layout (these
+# attributes; parameters only in the four projections) and computes Llama attention on a probe.
 _LLAMA_PATTERN = _Family("<llama pattern>", sliding_window="auto")
 _PATTERN_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx",
                   "num_key_value_groups", "config")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Relative error allowed between the module and the Llama computation on the probe (both in
+# float32): rounding, as when the attention function runs another kernel, not a missing step.
+_PROBE_TOL = 1e-4
+# (tokens, rms of the projections): unit scale checks rotation, scaling, causal mask and GQA;
+# scores of std ~16 show what bends large scores (a soft cap); one token at ~30 shows what bends
+# large values (a clip or a norm: with one key the softmax is 1 whatever the scores).
+_PROBES = ((6, 1.0), (6, 4.0), (1, 30.0))
 
 
 def supported_families() -> dict:
@@ -105,52 +111,87 @@ def supported_families() -> dict:
     return {name: fam.attention for name, fam in _FAMILIES.items()}
 
 
-def _statements(fn) -> Optional[frozenset]:
-    """The top-level statements of a function's body (docstring dropped), normalized by ast.unparse."""
+def _has_llama_layout(module: torch.nn.Module) -> bool:
+    """q/k/v/o projections as nn.Linear, the Llama attributes, and no parameter outside the
+    projections (a q/k norm, a gate or a bias table would be a step the fused path lacks)."""
+    return (all(hasattr(module, a) for a in _PATTERN_ATTRS)
+            and all(isinstance(getattr(module, p), torch.nn.Linear) for p in _PROJECTIONS)
+            and all(name.split(".")[0] in _PROJECTIONS for name, _ in module.named_parameters()))
+
+
+def _probe_rotation(rotary_dim: int, seq: int, dtype, device):
+    """cos, sin (1, seq, rotary_dim) as transformers' rotary modules return them (frequencies
+    repeated over the two halves), at positions that do not start at 0."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    angles = (torch.arange(3, 3 + seq, dtype=torch.float64)[:, None] * inv_freq).repeat(1, 2)[None]
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
+def _llama_attention(module: torch.nn.Module, x: torch.Tensor, cos, sin, mask) -> torch.Tensor:
+    """What a Llama-pattern attention computes: projections, rotate_half rotation of the first
+    rotary_dim dims, scaled softmax attention (GQA) under ``mask``, output projection."""
+    batch, seq, _ = x.shape
+    q, k, v = (getattr(module, p)(x).view(batch, seq, -1, module.head_dim).transpose(1, 2) for p in _PROJECTIONS[:3])
+    half = cos.shape[-1] // 2
+
+    def rotate(t):
+        t1, t2, rest = t[..., :half], t[..., half:2 * half], t[..., 2 * half:]
+        return torch.cat((t1 * cos[:, None, :, :half] - t2 * sin[:, None, :, half:],
+                          t2 * cos[:, None, :, half:] + t1 * sin[:, None, :, :half], rest), -1)
+
+    group = q.shape[1] // k.shape[1]
+    q, k, v = rotate(q), rotate(k).repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * module.scaling
+    if mask is not None:
+        scores = scores + mask
+    return module.o_proj((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(batch, seq, -1))
+
+
+def _computes_llama_attention(module: torch.nn.Module, rotary_dim: int) -> bool:
+    """Run the module's own forward on small probes (:data:`_PROBES`) and compare it with
+    :func:`_llama_attention`, in float32 (a half-precision module is probed on a float32 copy).
+
+    Decided from what the module computes, not from how its source is worded: an upstream
+    rewording changes nothing, while an extra step (q/k/v clipping, a norm, a soft cap) shows."""
+    probe = module
+    if module.q_proj.weight.dtype not in (torch.float32, torch.float64):
+        probe = copy.deepcopy(module).float()
+    device = probe.q_proj.weight.device
+    gen = torch.Generator().manual_seed(0)
+    training = probe.training
+    probe.eval()
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    if not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
-        return None
-    body = tree.body[0].body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]
-    return frozenset(ast.unparse(stmt) for stmt in body)
-
-
-@functools.lru_cache(maxsize=None)
-def _pattern_templates():
-    """Statements of the supported families' attention code: (forward, rotate_half, apply_rotary_pos_emb)."""
-    import importlib
-
-    mods = {t: importlib.import_module(f"transformers.models.{t}.modeling_{t}") for t in _FAMILIES}
-    forward = frozenset().union(*(_statements(getattr(mods[t], f.attention).forward) or ()
-                                  for t, f in _FAMILIES.items() if f.projection == "separate"))
-    rotate = _statements(mods["llama"].rotate_half) or frozenset()
-    apply = (_statements(mods["llama"].apply_rotary_pos_emb) or frozenset()) | (
-        _statements(mods["phi3"].apply_rotary_pos_emb) or frozenset())
-    return forward, rotate, apply
-
-
-def _is_llama_pattern(module: torch.nn.Module) -> bool:
-    if not all(hasattr(module, a) for a in _PATTERN_ATTRS):
+        with torch.no_grad():
+            for seq, rms in _PROBES:
+                x = torch.randn(1, seq, probe.q_proj.in_features, generator=gen).to(device)
+                x = x * (rms / probe.q_proj(x).pow(2).mean().sqrt().clamp_min(1e-6))
+                cos, sin = _probe_rotation(rotary_dim, seq, torch.float32, device)
+                # eager and sdpa take an additive mask; other implementations (flash) are causal without one
+                mask = None
+                if getattr(probe.config, "_attn_implementation", None) in (None, "eager", "sdpa"):
+                    mask = torch.full((seq, seq), torch.finfo(torch.float32).min, device=device).triu(1)[None, None]
+                stock = probe(x, position_embeddings=(cos, sin), attention_mask=mask)[0]
+                ref = _llama_attention(probe, x, cos, sin, mask)
+                if not bool((stock - ref).abs().max() <= _PROBE_TOL * ref.abs().max().clamp_min(1e-6)):
+                    return False
+    except Exception:  # noqa: BLE001 - a forward that cannot run as a Llama attention is not one
         return False
-    if not all(isinstance(getattr(module, p), torch.nn.Linear) for p in ("q_proj", "k_proj", "v_proj")):
-        return False
-    forward, rotate, apply = _pattern_templates()
-    code = sys.modules.get(type(module).__module__)
-    mine = (_statements(type(module).forward), _statements(getattr(code, "rotate_half", None)),
-            _statements(getattr(code, "apply_rotary_pos_emb", None)))
-    return all(m is not None and m <= t for m, t in zip(mine, (forward, rotate, apply)))
+    finally:
+        probe.train(training)
+    return True
 
 
-def _attention_modules(model: torch.nn.Module, family: Optional[_Family]):
-    """[(name, module)] of the attention modules to patch."""
+def _attention_modules(model: torch.nn.Module, family: Optional[_Family], rotary_dim: int):
+    """[(name, module)] of the attention modules to patch: the family's class, or every module
+    whose class is Llama-pattern attention (probed once per class)."""
     if family is not None and family is not _LLAMA_PATTERN:
         return [(n, m) for n, m in model.named_modules() if type(m).__name__ == family.attention]
-    return [(n, m) for n, m in model.named_modules()
-            if type(m).__name__.endswith("Attention") and _is_llama_pattern(m)]
+    verdicts = {}
+    for _, m in model.named_modules():
+        cls = type(m)
+        if cls not in verdicts:
+            verdicts[cls] = _has_llama_layout(m) and _computes_llama_attention(m, rotary_dim)
+    return [(n, m) for n, m in model.named_modules() if verdicts.get(type(m), False)]
 
 
 def _resolve_family(model: torch.nn.Module):
@@ -159,21 +200,17 @@ def _resolve_family(model: torch.nn.Module):
     if config is None:
         raise TypeError(f"patch_model needs a transformers PreTrainedModel, got {type(model).__name__}")
     model_type = getattr(config, "model_type", None)
+    if not _has_rope(config):
+        raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no rotary position "
+                         f"embedding to fuse: patch_model needs a RoPE model")
     family = _FAMILIES.get(model_type)
-    modules = _attention_modules(model, family or _LLAMA_PATTERN)
-    if family is None and modules:
-        family = _LLAMA_PATTERN
+    modules = _attention_modules(model, family or _LLAMA_PATTERN, _model_rope(config).rotary_dim)
     if not modules:
-        if not _has_rope(config):
-            raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no rotary position "
-                             f"embedding to fuse: patch_model needs a RoPE model")
         raise ValueError(
             f"cannot patch {type(model).__name__} (model_type {model_type!r}): no attention module follows the "
-            f"Llama pattern (q_proj/k_proj/v_proj/o_proj, head_dim, scaling, layer_idx, and attention/rotary code "
-            f"with no step beyond Llama/Mistral/Qwen2/Phi-3's). Supported families: {', '.join(sorted(_FAMILIES))}")
-    if not _has_rope(config):
-        raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no rotary position embedding")
-    return family, modules
+            f"Llama pattern (q_proj/k_proj/v_proj/o_proj, head_dim, scaling, layer_idx, no other parameters, and "
+            f"a forward that computes Llama attention on a probe). Supported families: {', '.join(sorted(_FAMILIES))}")
+    return family or _LLAMA_PATTERN, modules
 
 
 def _has_rope(config) -> bool:
@@ -302,12 +339,12 @@ def _note_cache_regime(cache, long: bool, past: int) -> None:
 
 
 def _patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                     past_key_values=None, **kwargs):
+                     cache=None, **kwargs):
     """Attention forward of a patched module: raw q/k into the fused kernel (see the module docstring)."""
     state: _PatchState = self._longrope_state
     cfg, family = state.cfg, state.family
-    cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
-    kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)  # the cache's name before transformers 5.25
+    cache = cache if cache is not None else legacy
     call = kwargs.pop(_CALL_KWARG, None) or _Call.from_mask(attention_mask)
     if state.process_group is not None:
         return _context_parallel_forward(self, state, hidden_states, call, kwargs), None
@@ -399,12 +436,25 @@ def _step_end(input_ids, kwargs) -> int:
     return int(source.shape[1])
 
 
+@functools.lru_cache(maxsize=None)
+def cache_argument() -> str:
+    """The keyword under which the installed transformers passes the KV cache to ``generate``,
+    ``prepare_inputs_for_generation`` and model forwards: ``"cache"`` (transformers >= 5.25,
+    which deprecates the old name) or ``"past_key_values"``."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _patched_prepare_inputs(state: "_PatchState", original):
     """prepare_inputs_for_generation with the §4 cache policy and all-ones masks dropped."""
 
     @functools.wraps(original)
     def prepare(input_ids, *args, **kwargs):
-        cache_key = "cache" if "cache" in kwargs else "past_key_values"
+        cache_key = cache_argument()
         cache = kwargs.get(cache_key)
         if state.regime == "auto" and cache is not None and not isinstance(cache, (tuple, list)):
             past = int(cache.get_seq_length())

@@ -29,6 +29,41 @@ import torch
 FP32_REL_TOL = 2e-6
 
 
+# The newest releases the suite has passed with (README "Supported versions"). CI installs the
+# newest of each; one newer than these is named at the top of the run, so that a failure it
+# causes is attributed to the upstream release at once.
+NEWEST_TESTED = {"torch": "2.13.0", "triton": "3.9.0", "transformers": "5.25.0"}
+
+
+def _versions_note() -> tuple[str, bool]:
+    """("longrope_triton against: torch X; ...", whether any is newer than the newest tested)."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    lines, any_newer = [], False
+    for name, tested in NEWEST_TESTED.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        newer = Version(installed).release > Version(tested).release
+        any_newer |= newer
+        lines.append(f"{name} {installed}" + (f" (NEWER than the newest tested, {tested}: failures may be this "
+                                             f"upstream release's doing)" if newer else ""))
+    return "longrope_triton against: " + "; ".join(lines), any_newer
+
+
+def pytest_report_header(config):
+    return _versions_note()[0]
+
+
+def pytest_terminal_summary(terminalreporter):
+    note, any_newer = _versions_note()
+    if any_newer:  # repeated at the end, where -q runs (CI) show it beside the failures
+        terminalreporter.write_line(note, yellow=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -14,6 +14,7 @@ from longrope_triton import reference
 from longrope_triton.config import critical_dimension, ntk_factors
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
 from transformers import LlamaConfig, Phi3Config  # noqa: E402
 from transformers.modeling_rope_utils import (  # noqa: E402
     _compute_llama3_parameters,

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
 
 import longrope_triton.hf as hf  # noqa: E402
 from longrope_triton import LongRoPEConfig, patch_model, set_rope, unpatch_model  # noqa: E402
@@ -231,7 +232,7 @@ def _recompute_logits(model, sequences, prompt_len, attention_mask=None):
 
 def _generate(model, prompt, new_tokens, cache=None, **kwargs):
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[hf.cache_argument()] = cache
     out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, **kwargs)
     return out.sequences, torch.stack(out.logits, 1)
@@ -316,7 +317,7 @@ def test_manual_loop_across_the_switch_warns():
     with torch.no_grad():
         out = model(ids)
         with pytest.warns(RuntimeWarning, match="stale"):
-            model(_ids(1, 1), past_key_values=out.past_key_values)
+            model(_ids(1, 1), **{hf.cache_argument(): getattr(out, hf.cache_argument())})
 
 
 # ---------------------------------------------------------------------------- set_rope, unpatch, detection
@@ -388,8 +389,101 @@ def test_llama_pattern_models_are_detected():
         stock = model(ids, use_cache=False).logits
         out = patch_model(model)(ids, use_cache=False).logits
     assert (out - stock).abs().max() <= TOL
+    unpatch_model(model)
+    assert hf.is_patched(patch_model(model.to(torch.bfloat16)))  # a half-precision model is probed in float32
     with pytest.raises(ValueError, match="Llama pattern"):
         patch_model(OlmoForCausalLM(OlmoConfig(**common, clip_qkv=1.0)))
+
+
+def _retyped(model, attention_cls, model_type="probe-only"):
+    """The model with every attention module's class replaced and a model_type outside the table,
+    so detection can only go by what the modules compute."""
+    for module in model.modules():
+        if type(module).__name__ == "LlamaAttention":
+            module.__class__ = attention_cls
+    model.config.model_type = model_type
+    return model
+
+
+def test_detection_survives_a_rewording_that_changes_nothing():
+    """Another spelling of Llama attention (other names, other statement order, the mask applied
+    through the eager function of another module) is detected, patched and exact."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, rotate_half
+    from transformers.models.mistral.modeling_mistral import eager_attention_forward
+
+    class Reworded(LlamaAttention):
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+            *lead, _ = hidden_states.shape
+            split = lambda t: t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # noqa: E731
+            values = split(self.v_proj(hidden_states))
+            cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+            queries, keys = split(self.q_proj(hidden_states)), split(self.k_proj(hidden_states))
+            queries, keys = queries * cos + rotate_half(queries) * sin, keys * cos + rotate_half(keys) * sin
+            cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
+            if cache is not None:
+                keys, values = cache.update(keys, values, self.layer_idx)
+            out, weights = eager_attention_forward(self, queries, keys, values, attention_mask, scaling=self.scaling,
+                                                   dropout=0.0)
+            return self.o_proj(out.flatten(-2)), weights
+
+    model = _retyped(make_model("llama"), Reworded)
+    ids = _ids(2, LONG)
+    with torch.no_grad():
+        stock = model(ids, use_cache=False).logits
+        out = patch_model(model)(ids, use_cache=False).logits
+    assert (out - stock).abs().max() <= TOL
+
+
+def test_detection_refuses_gemma2_soft_cap():
+    """Gemma-2 caps its attention scores (50 tanh(s / 50)): refused, though tiny random weights keep
+    scores so small that stock and patched logits would agree."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=HEAD_DIM, vocab_size=100, max_position_embeddings=MAX_POS,
+                          attn_implementation="eager")
+    config.rope_parameters = _rope_parameters(HEAD_DIM)
+    with pytest.raises(ValueError, match="Llama pattern"):
+        patch_model(Gemma2ForCausalLM(config))
+
+
+@pytest.mark.parametrize("step", ["output-scale", "qk-norm", "value-clip"])
+def test_detection_refuses_a_step_llama_lacks(step):
+    """A step the fused path would silently drop makes the model unpatchable: a 1 % output scale,
+    a q/k norm with weights (Qwen3-style), a clip of large values (OLMo's clip_qkv at 8)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class Scaled(LlamaAttention):
+        def forward(self, *args, **kwargs):
+            out, weights = super().forward(*args, **kwargs)
+            return out * 1.01, weights
+
+    class Normed(LlamaAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.q_norm = torch.nn.LayerNorm(self.head_dim)
+
+    class Clipped(LlamaAttention):
+        def forward(self, hidden_states, *args, **kwargs):
+            v_proj = self.v_proj
+            self.v_proj = lambda x: v_proj(x).clamp(-8, 8)
+            try:
+                return super().forward(hidden_states, *args, **kwargs)
+            finally:
+                self.v_proj = v_proj
+
+    cls = {"output-scale": Scaled, "qk-norm": Normed, "value-clip": Clipped}[step]
+    model = make_model("llama")
+    if step == "qk-norm":
+        for layer in model.model.layers:
+            normed = Normed(model.config, layer.self_attn.layer_idx)
+            normed.load_state_dict(layer.self_attn.state_dict(), strict=False)
+            layer.self_attn = normed
+        model.config.model_type = "probe-only"
+    else:
+        model = _retyped(model, cls)
+    with pytest.raises(ValueError, match="Llama pattern"):
+        patch_model(model)
 
 
 # ---------------------------------------------------------------------------- per-regime attention factors

@@ -21,6 +21,7 @@ from longrope_triton import LongRoPEConfig, apply_rotary
 from longrope_triton import reference
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
 from transformers import LlamaConfig, Phi3Config  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402
 from transformers.models.phi3 import modeling_phi3  # noqa: E402

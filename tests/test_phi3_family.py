@@ -23,6 +23,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
 from transformers import Phi3Config, Phi3ForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import _compute_longrope_parameters  # noqa: E402
 
