@@ -22,8 +22,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["longrope_triton", "longrope_triton.kernels", "longrope_triton.search", "longrope_triton.eval",
-              "longrope_triton.train"],
+    packages=["longrope_triton", "longrope_triton.hf", "longrope_triton.kernels", "longrope_triton.search",
+              "longrope_triton.eval", "longrope_triton.train"],
     package_data={"longrope_triton": ["factors/*.json"]},
     # Floors are tested versions (README "Supported versions"): scripts/test_oldest.sh runs the
     # Hugging Face-facing tests with transformers 5.5 and triton 3.6; torch 2.11 / triton 3.6 are

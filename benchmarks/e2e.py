@@ -105,6 +105,60 @@ def build(provider: str, case: Case, device):
                 f"random weights" if case.model.startswith("llama") else f"{case.model}: {n_params / 1e6:.0f}M"]
 
 
+def build_step(provider: str, case: Case, device):
+    """(fn, notes) running one decode step of the patched model ``case.model`` against a StaticCache of
+    ``case.seq_k`` slots filled with ``case.seq_k - 1`` tokens: 'patched_eager', 'patched_compiled'
+    (model.forward compiled with fullgraph=True) or 'patched_cudagraph' (the step captured once in a
+    CUDA graph and replayed). Every call writes the last slot and rewinds the cache by one token
+    (StaticCache.crop: an in-place decrement of its device-side length, inside the graph for the
+    CUDA-graph provider), so all repetitions time the same step. A decode step reads no tensor value
+    on the host, which is what lets it be compiled whole and captured (docs/compile.md)."""
+    from transformers import StaticCache
+
+    from longrope_triton.hf import cache_argument
+
+    if provider == "patched_cudagraph" and torch.device(device).type != "cuda":
+        raise Unavailable("CUDA graphs need a CUDA device")
+    model = get_model(case.model, device, TORCH_DTYPES[case.dtype])
+    set_patched(model, True)
+    key = cache_argument()
+    filled = case.seq_k - 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    cache = StaticCache(config=model.config, max_cache_len=case.seq_k)
+    prompt = torch.randint(0, model.config.vocab_size, (case.batch, filled), device=device, generator=gen)
+    with torch.no_grad():
+        model(input_ids=prompt, position_ids=torch.arange(filled, device=device).expand(case.batch, -1),
+              **{key: cache}, logits_to_keep=1)
+    ids = torch.randint(0, model.config.vocab_size, (case.batch, 1), device=device, generator=gen)
+    position = torch.full((case.batch, 1), filled, device=device)
+    forward = model.forward
+    if provider == "patched_compiled":
+        from .providers import _compiled
+
+        forward = _compiled(model.forward, device)  # fullgraph is checked by tests/test_compile.py
+
+    def step():
+        with torch.no_grad():
+            out = forward(input_ids=ids, position_ids=position, **{key: cache}, logits_to_keep=1).logits
+            cache.crop(-1)
+        return out
+
+    notes = [f"{case.model}: {model.config.num_hidden_layers} layers, StaticCache of {case.seq_k} slots, "
+             f"batch {case.batch}, one token per step"]
+    if provider != "patched_cudagraph":
+        return step, notes
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture: autotuning, table upload
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay, notes + ["captured once, replayed"]
+
+
 def time_fixed(fn, device, reps: int) -> dict:
     """A few repetitions of a long call: CUDA events (or perf_counter on CPU), no L2 flush."""
     times = []

@@ -25,7 +25,7 @@ class Case:
     """One measured configuration. Tensors are (batch, heads, seq, head_dim) views of
     (batch, seq, heads, head_dim) storage, the layout a transformers attention module passes."""
 
-    op: str  # "rotary" | "attention" | "decode" | "prefill"
+    op: str  # "rotary" | "attention" | "decode" | "prefill" | "decode_step"
     mode: str  # "fwd" | "fwd+bwd"
     dtype: str  # "bf16" | "fp16"
     batch: int
@@ -35,12 +35,14 @@ class Case:
     seq_k: int = 0
     head_dim: int = 0
     causal: bool = True
-    model: str = ""  # prefill only
+    model: str = ""  # prefill and decode_step only
 
     @property
     def id(self) -> str:
         if self.op == "prefill":
             return f"prefill-{self.mode}-{self.dtype}-{self.model}-B{self.batch}-S{self.seq_q}"
+        if self.op == "decode_step":
+            return f"decode_step-{self.dtype}-{self.model}-B{self.batch}-K{self.seq_k}"
         seq = f"S{self.seq_q}" if self.seq_q == self.seq_k else f"S{self.seq_q}x{self.seq_k}"
         mask = "causal" if self.causal else "full"
         return (f"{self.op}-{self.mode}-{self.dtype}-B{self.batch}-H{self.q_heads}/{self.kv_heads}-{seq}"
@@ -138,14 +140,21 @@ PROVIDERS = {p.name: p for p in [
     # model prefill
     Provider("hf_sdpa", ("prefill",), "stock transformers model, attn_implementation='sdpa'"),
     Provider("hf_patched", ("prefill",), "the same model after longrope_triton.hf.patch_model"),
+    # model decode step (a patched model, one token against a StaticCache)
+    Provider("patched_eager", ("decode_step",), "patched model, one decode step against a StaticCache, eager"),
+    Provider("patched_compiled", ("decode_step",),
+             "the same step with model.forward = torch.compile(fullgraph=True) (inductor on CUDA)"),
+    Provider("patched_cudagraph", ("decode_step",),
+             "the same step captured once in a torch.cuda.CUDAGraph and replayed (CUDA only)"),
 ]}
 BASELINE = {"rotary": "eager_hf", "attention": "eager_sdpa_flash", "decode": "eager_sdpa_flash",
-            "prefill": "hf_sdpa"}
+            "prefill": "hf_sdpa", "decode_step": "patched_eager"}
 COMPILE_PROVIDERS = ("compile_hf", "compile_sdpa")
 ROTARY_PROVIDERS = tuple(n for n, p in PROVIDERS.items() if "rotary" in p.ops)
 ATTENTION_PROVIDERS = tuple(n for n, p in PROVIDERS.items() if "attention" in p.ops)
 DECODE_PROVIDERS = tuple(n for n, p in PROVIDERS.items() if "decode" in p.ops)
 PREFILL_PROVIDERS = ("hf_sdpa", "hf_patched")
+STEP_PROVIDERS = ("patched_eager", "patched_compiled", "patched_cudagraph")
 
 
 # ---------------------------------------------------------------------------- plans
@@ -172,6 +181,11 @@ def _prefill(model, s, dtype="bf16"):
     return Case("prefill", "fwd", dtype, 1, seq_q=s, seq_k=s, model=model)
 
 
+def _step(model, cache, b=1, dtype="bf16"):
+    """One decode step of a patched model whose StaticCache holds ``cache`` slots (the step writes the last)."""
+    return Case("decode_step", "fwd", dtype, b, seq_q=1, seq_k=cache, model=model)
+
+
 # The issue's target shapes (H100, bf16).
 TARGET_ROTARY = dict(b=1, s=16 * K, hq=32, hk=32, d=128)
 TARGET_ATTN_SHAPES = ((4, 4 * K), (1, 16 * K))
@@ -179,6 +193,7 @@ TARGET_MEMORY_SHAPE = (1, 32 * K)
 SEQ_SWEEP = ((16, 1 * K), (8, 2 * K), (4, 4 * K), (2, 8 * K), (1, 16 * K), (1, 32 * K), (1, 64 * K), (1, 128 * K))
 DECODE_CACHE = (8 * K, 32 * K, 128 * K)
 PREFILL_TOKENS = (8 * K, 16 * K, 32 * K)
+STEP_CACHE = (8 * K, 32 * K)
 # torch.compile costs tens of seconds of compilation per shape and mode: a few sweep points only.
 COMPILE_SEQS = (1 * K, 4 * K, 16 * K, 32 * K)
 
@@ -216,6 +231,8 @@ def full_plan() -> list[Item]:
     for s in PREFILL_TOKENS:
         items.append(Item(_prefill("llama-1b", s), PREFILL_PROVIDERS, ("prefill",)))
     items.append(Item(_prefill("smollm2-135m", 8 * K), PREFILL_PROVIDERS, ("prefill",)))
+    for b, cache in itertools.product((1, 8), STEP_CACHE):
+        items.append(Item(_step("llama-1b", cache, b), STEP_PROVIDERS, ("decode_step",)))
     return _targets_first(items)
 
 
@@ -245,6 +262,7 @@ def quick_plan() -> list[Item]:
             items.append(Item(_attn(mode, dtype, b, s), main, ("attn_seq",)))
     items.append(Item(_attn("fwd", dtype, *TARGET_MEMORY_SHAPE), main, ("attn_seq",)))
     items.append(Item(_prefill("llama-1b", 16 * K), PREFILL_PROVIDERS, ("prefill",)))
+    items.append(Item(_step("llama-1b", 8 * K), STEP_PROVIDERS, ("decode_step",)))
     return items
 
 
@@ -263,6 +281,7 @@ def cpu_smoke_plan() -> list[Item]:
         Item(_decode("bf16", 2, 128, 4, 2, 64), short_a, ("decode",)),
         Item(_decode("bf16", 2, 256, 4, 2, 64), short_a + ("ours_prefill_kernel",), ("decode",)),
         Item(_prefill("llama-tiny", 128), PREFILL_PROVIDERS, ("prefill",)),
+        Item(_step("llama-tiny", 128), STEP_PROVIDERS, ("decode_step",)),
     ]
 
 

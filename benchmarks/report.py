@@ -29,6 +29,9 @@ SECTIONS = {
     "decode": ("Decode (Sq = 1 against a rotated KV cache)", "Ours runs with k_is_rotated=True; the eager path "
                "rotates q only."),
     "prefill": ("Model prefill", "One forward of the whole prompt, use_cache=False, logits of the last token only."),
+    "decode_step": ("Model decode step", "One token of a patched model against a StaticCache (filled but for the "
+                    "slot the step writes): eager, model.forward compiled with fullgraph=True, and captured once "
+                    "in a CUDA graph and replayed."),
 }
 
 
@@ -91,6 +94,8 @@ def _case_label(r) -> str:
     s = r["shape"]
     if r["op"] == "prefill":
         return f"{s['model']} S{s['seq_q']}"
+    if r["op"] == "decode_step":
+        return f"{s['model']} B{s['batch']} cache {s['seq_k']}"
     seq = f"S{s['seq_q']}" if s["seq_q"] == s["seq_k"] else f"Sq{s['seq_q']} Sk{s['seq_k']}"
     mask = "" if r["op"] == "rotary" else (" causal" if s["causal"] else " full")
     return f"B{s['batch']} H{s['q_heads']}/{s['kv_heads']} {seq} D{s['head_dim']}{mask}"
@@ -165,7 +170,7 @@ def markdown(data: dict, source: str) -> str:
                 header = ["Case", "Provider", "ms (p20–p80)", "GB/s", "% copy BW", "Peak MB", f"x {base}"]
                 body = [[_case_label(r), r["provider"], _ms(r), _num(r["gbps"]), _pct(r["copy_bw_fraction"]),
                          _num(r.get("peak_mb")), _ratio(r["speedup"])] for r in group]
-            elif op == "prefill":
+            elif op in ("prefill", "decode_step"):
                 header = ["Case", "Provider", "ms (p20–p80)", "Peak MB", f"x {base}", "Peak / stock"]
                 body = [[_case_label(r), r["provider"], _ms(r), _num(r.get("peak_mb")), _ratio(r["speedup"]),
                          _ratio(r["peak_ratio"])] for r in group]
@@ -273,16 +278,18 @@ def readme_table(data: dict, source: str) -> str:
             headline.append(t.case.id)
     if not any(c in seen for c, _ in rows):  # no target shape measured (a CPU smoke run): every case
         headline = sorted({r["case_id"] for r in data["results"] if r["op"] in ("rotary", "attention")})
-    headline += sorted({r["case_id"] for r in data["results"] if r["op"] in ("decode", "prefill")} - seen)
+    headline += sorted({r["case_id"] for r in data["results"] if r["op"] in ("decode", "prefill", "decode_step")}
+                       - seen)
     body = []
     for case_id in headline:
         present = [r for (c, _), r in rows.items() if c == case_id]
         if not present:
             continue
         op = present[0]["op"]
-        ours_name = "hf_patched" if op == "prefill" else "ours"
+        ours_name = {"prefill": "hf_patched", "decode_step": "patched_cudagraph"}.get(op, "ours")
         base = registry.BASELINE[op]
-        compiled = {"rotary": "compile_hf", "attention": "compile_sdpa", "decode": "compile_sdpa"}.get(op)
+        compiled = {"rotary": "compile_hf", "attention": "compile_sdpa", "decode": "compile_sdpa",
+                    "decode_step": "patched_compiled"}.get(op)
 
         def ms(provider):
             r = rows.get((case_id, provider))

@@ -84,6 +84,15 @@ def _new_row(case, provider, families) -> dict:
             "flops": registry.flops(case), "bytes": registry.bytes_moved(case)}
 
 
+def _autotuned_tiles() -> dict:
+    """The tile config autotuning picked for each attention kernel, by autotune key (BLOCK_D, load
+    path, dtypes): what the timings of the fused providers ran."""
+    from longrope_triton import attention
+    return {name: {str(key): str(config) for key, config in tuned.cache.items()}
+            for name, tuned in (("forward", attention._fwd_tuned), ("dK/dV", attention._dkdv_tuned),
+                                ("dQ", attention._dq_tuned))}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:500]
@@ -137,6 +146,11 @@ class Runner:
                 fn()  # warm-up: autotuning / compilation of the patched kernels
                 row.update(measure.peak_memory(fn, [], self.device))
                 row.update(e2e.time_fixed(fn, self.device, self.settings["prefill_reps"]))
+            elif case.op == "decode_step":
+                fn, notes = e2e.build_step(provider, case, self.device)
+                fn()  # warm-up: autotuning / compilation
+                row.update(measure.peak_memory(fn, [], self.device))
+                row.update(measure.bench(fn, [], self.device, self.settings["warmup_ms"], self.settings["rep_ms"]))
             else:
                 runnable = providers.build(provider, case, self.device)
                 fn, notes = runnable.fn, runnable.notes
@@ -147,6 +161,8 @@ class Runner:
                 row.update(measure.bench(fn, runnable.grad_to_none, self.device, self.settings["warmup_ms"],
                                          self.settings["rep_ms"]))
             row.update(status="ok", notes=notes)
+            if provider.startswith("ours"):
+                row["autotuned_tiles"] = _autotuned_tiles()
         except providers.Unavailable as exc:
             row.update(status="unavailable", error=str(exc)[:500])
         except OOM_ERRORS as exc:

@@ -1,28 +1,36 @@
 """Fused LongRoPE attention, backward: the FlashAttention-2 dK/dV loop and dQ loop.
 
-Both loops run on the rotated operands the forward produced (q_rot written by the forward's
-prologue, k_rot by the rotary kernel), so no rotation happens inside a loop: they are plain
-FlashAttention-2 over whole rows, with the forward's rounding convention (fp32 dot of the
-rounded q_rot and k_rot, then the scale). dQ and dK come out in the rotated space; the
-launcher turns them back with one conjugate pass of the rotary kernel (the rotation is
-orthogonal up to mscale, so its transpose is the rotation by -phi). dK/dV programs own one
-K tile of one kv head and loop over every query head of its GQA group: no atomics, so the
-backward is deterministic. Naming legend in kernels/rotary.py.
+Both loops run on the rotated operands the rotary kernel produced, so no rotation happens
+inside a loop: they are plain FlashAttention-2 over whole rows, with the forward's rounding
+convention (fp32 dot of the rounded q_rot and k_rot, then the scale, here fused with the LSE
+subtraction into one FMA). dQ and dK come out in the rotated space; the launcher turns them
+back with one conjugate pass of the rotary kernel (the rotation is orthogonal up to mscale,
+so its transpose is the rotation by -phi). dK/dV programs own one K tile of one kv head and
+loop over every query head of its GQA group: no atomics, so the backward is deterministic.
+Causal masks and packed sequences are row ranges, tested only in masked tiles
+(kernels/attention_tiles.py). Naming legend in kernels/rotary.py.
+
+Each query row's LSE and delta = rowsum(dO * O) travel together, interleaved in one fp32
+(batch, q_heads, Sq, 2) buffer that the preprocess kernel writes: the dK/dV loop needs both
+for every column of its transposed tile, and one load of the pair (half the shared-memory
+reads) is what keeps that loop within its instruction budget (docs/kernels.md).
 """
 
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, key_tile_range, score_mask, sequence_bounds
+from .attention_tiles import head_base, in_range, load_tile, row_ranges, tile_ranges
 from .rotary import load_block, store_block, widen
 
 
-@triton.jit(do_not_specialize=["SEQ"])
-def attention_bwd_preprocess_kernel(p_out, p_do, p_delta, SEQ, HEAD_DIM,
+@triton.jit(do_not_specialize=["SEQ", "stride_lb", "stride_lh"])
+def attention_bwd_preprocess_kernel(p_out, p_do, p_lse, p_ld, SEQ, HEAD_DIM,
                                     stride_ob, stride_oh, stride_os, stride_od,
                                     stride_dob, stride_doh, stride_dos, stride_dod,
+                                    stride_lb, stride_lh, stride_ls,
                                     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, INT64: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, (batch, heads, seq) contiguous. Grid: (cdiv(SEQ, BLOCK_M), batch, heads)."""
+    """(lse, delta = rowsum(dO * O)) per row, fp32 pairs (batch, heads, seq, 2) contiguous.
+    Grid: (cdiv(SEQ, BLOCK_M), batch, heads)."""
     i_m, i_b, i_h = tl.program_id(0), widen(tl.program_id(1), INT64), widen(tl.program_id(2), INT64)
     n_h = tl.num_programs(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -33,169 +41,174 @@ def attention_bwd_preprocess_kernel(p_out, p_do, p_delta, SEQ, HEAD_DIM,
     b_o = load_block(p_out + i_b * stride_ob + i_h * stride_oh, o_m, m_m, stride_os, stride_od, o_d, m_d)
     b_do = load_block(p_do + i_b * stride_dob + i_h * stride_doh, o_m, m_m, stride_dos, stride_dod, o_d, m_d)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(p_delta + (i_b * n_h + i_h) * SEQ + o_m, b_delta, mask=m_m)
+    b_lse = tl.load(p_lse + i_b * stride_lb + i_h * stride_lh + o_m * stride_ls, mask=m_m)
+    p_row = p_ld + ((i_b * n_h + i_h) * SEQ + o_m) * 2
+    tl.store(p_row, b_lse, mask=m_m)
+    tl.store(p_row + 1, b_delta, mask=m_m)
 
 
 @triton.jit
-def _dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, qk_scale, o_n, len_q, len_k, m_lo, m_hi,
-                stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, o_d, m_d,
-                MASK_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr):
-    """Accumulate dK (rotated space, pre-scale) and dV of one K tile over Q tiles [m_lo, m_hi).
+def load_lse_delta(p_ld, row, start, SEQ, BLOCK: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """(lse, delta) of rows [start, start + BLOCK) of a head, the first of them row `row` of the
+    interleaved buffer p_ld; rows past SEQ read 0, tested only with MASK_ROWS (full tiles lie inside)."""
+    o_2 = row * 2 + tl.arange(0, 2 * BLOCK)
+    if MASK_ROWS:
+        b_ld = tl.load(p_ld + o_2, mask=start * 2 + tl.arange(0, 2 * BLOCK) < 2 * SEQ, other=0.0)
+    else:
+        b_ld = tl.load(p_ld + o_2)
+    return tl.split(tl.reshape(b_ld, [BLOCK, 2]))
 
-    Works on transposed scores [BLOCK_N, BLOCK_M] (q loaded as q^T), as the Triton tutorial does:
-    P^T and dS^T are then the left operands of their dots and never need a register transpose."""
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        o_m = start_m + tl.arange(0, BLOCK_M)
-        m_m = o_m < len_q
-        o_mw = widen(o_m, INT64)  # row offsets; masks use o_m
-        b_qT = tl.load(p_q + o_mw[None, :] * stride_qs + o_d[:, None] * stride_qd, mask=m_d[:, None] & m_m[None, :],
-                       other=0.0)
-        b_lse = tl.load(p_lse + o_m * stride_ls, mask=m_m, other=float("inf"))
-        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
-        b_sT = tl.dot(b_k, b_qT, input_precision=DOT_PRECISION) * qk_scale
-        b_pT = tl.math.exp2(b_sT - b_lse[None, :])
-        b_pT = tl.where(tl.trans(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL)), b_pT, 0.0)
-        b_do = load_block(p_do, o_mw, m_m, stride_dos, stride_dod, o_d, m_d)
-        b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+
+@triton.jit
+def _dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_ld, i_b, i_h0, GROUP, qk_scale, p_lo, p_hi, o_n, m_n, m_lo, m_hi,
+               SEQ_Q, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d,
+               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               USE_TMA: tl.constexpr, INT64: tl.constexpr):
+    """Accumulate dK (rotated space, before the softmax scale) and dV of one K tile over the Q tiles
+    [m_lo, m_hi) of every query head i_h0 + g of its GQA group; MASKED tiles test each key's query
+    range. p_q, p_do, p_ld are at head i_h0 (head_base).
+
+    One loop over (head, Q tile) pairs, not a head loop around a tile loop: the load pipeline runs
+    on from one head to the next, and nothing stays live across an outer loop (at head_dim 128 the
+    dK and dV accumulators alone take half of the registers). Works on transposed scores
+    [BLOCK_N, BLOCK_M], as the Triton tutorial does: P^T and dS^T are then the left operands of
+    their dots and never need a register transpose."""
+    if MASKED:
+        b_lo, b_hi = row_ranges(p_lo, p_hi, o_n, m_n)
+    start_m = m_lo
+    i_g = 0
+    for _ in range(0, tl.maximum(tl.cdiv(m_hi - m_lo, BLOCK_M), 0) * GROUP):
+        i_gw = widen(i_g, INT64)
+        b_q = load_tile(head_base(p_q, 0, i_gw, 0, stride_qh, USE_TMA), i_b, i_h0 + i_gw, start_m, SEQ_Q, stride_qs,
+                        stride_qd, o_d, m_d, BLOCK_M, BLOCK_D, MASKED, USE_TMA, INT64)
+        b_lse, b_delta = load_lse_delta(p_ld, i_gw * SEQ_Q + start_m, start_m, SEQ_Q, BLOCK_M, MASKED)
+        b_pT = tl.math.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
+        if MASKED:  # also zero for the rows past the tensor (their range is empty)
+            b_pT = tl.where(in_range(start_m + tl.arange(0, BLOCK_M), b_lo, b_hi), b_pT, 0.0)
+        b_do = load_tile(head_base(p_do, 0, i_gw, 0, stride_doh, USE_TMA), i_b, i_h0 + i_gw, start_m, SEQ_Q,
+                         stride_dos, stride_dod, o_d, m_d, BLOCK_M, BLOCK_D, MASKED, USE_TMA, INT64)
+        b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION)
         b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-        b_dsT = (b_pT * (b_dpT - b_delta[None, :])).to(b_qT.dtype)
-        b_dk += tl.dot(b_dsT, tl.trans(b_qT), input_precision=DOT_PRECISION)
+        b_dsT = (b_pT * (b_dpT - b_delta[None, :])).to(b_q.dtype)
+        b_dk = tl.dot(b_dsT, b_q, b_dk, input_precision=DOT_PRECISION)
+        # The next tile; after a head's last one, the next head's first.
+        start_m += BLOCK_M
+        i_g = tl.where(start_m >= m_hi, i_g + 1, i_g)
+        start_m = tl.where(start_m >= m_hi, m_lo, start_m)
     return b_dk, b_dv
 
 
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ", "DELTA_SEQ", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ"])
 def attention_bwd_dkdv_kernel(
-    p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_cu_q, p_cu_k,
+    p_q, p_k, p_v, p_do, p_ld, p_dk, p_dv, p_lo, p_hi,
     # runtime scalars
-    softmax_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP, N_HQ, DELTA_SEQ,
-    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dk, dv; (batch, head, seq) of lse
+    qk_scale, grad_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP, N_HQ,
+    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dk, dv
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    stride_lb, stride_lh, stride_ls,
     # meta-parameters
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid: (cdiv(max Sk, BLOCK_N), batch or n_seqs, kv_heads). dK (rotated space), dV summed over the GQA group."""
-    i_n, i_b, i_hk = tl.program_id(0), tl.program_id(1), widen(tl.program_id(2), INT64)
-    q_start, len_q, k_start, len_k = sequence_bounds(p_cu_q, p_cu_k, i_b, SEQ_Q, SEQ_K, IS_VARLEN, INT64)
-    start_n = i_n * BLOCK_N
-    if start_n >= len_k:
-        return
-    i_bt = 0 if IS_VARLEN else widen(i_b, INT64)
-    qk_scale = softmax_scale * LOG2E
-
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < len_k
-    o_nw = widen(o_n, INT64)  # row offsets; masks use o_n
+    """Grid: (cdiv(Sk, BLOCK_N), batch, kv_heads). p_q, p_do: pointers, or TensorDescriptors when USE_TMA;
+    p_ld: the (lse, delta) pairs; p_lo, p_hi: int32 (Sk,), the query rows [lo, hi) that see each key.
+    dK (rotated space, times grad_scale) and dV, summed over the GQA group."""
+    i_n, i_b, i_hk = tl.program_id(0), widen(tl.program_id(1), INT64), widen(tl.program_id(2), INT64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < SEQ_K
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
-    b_k = load_block(p_k + i_bt * stride_kb + i_hk * stride_kh + k_start * stride_ks, o_nw, m_n, stride_ks,
-                     stride_kd, o_d, m_d)
-    b_v = load_block(p_v + i_bt * stride_vb + i_hk * stride_vh + k_start * stride_vs, o_nw, m_n, stride_vs,
-                     stride_vd, o_d, m_d)
+    bounds = tile_ranges(p_lo, p_hi, i_n * BLOCK_N, tl.minimum(i_n * BLOCK_N + BLOCK_N, SEQ_K) - 1, BLOCK_M)
+    b_k = load_tile(p_k + i_b * stride_kb + i_hk * stride_kh, i_b, i_hk, i_n * BLOCK_N, SEQ_K, stride_ks, stride_kd,
+                    o_d, m_d, BLOCK_N, BLOCK_D, True, False, INT64)
+    b_v = load_tile(p_v + i_b * stride_vb + i_hk * stride_vh, i_b, i_hk, i_n * BLOCK_N, SEQ_K, stride_vs, stride_vd,
+                    o_d, m_d, BLOCK_N, BLOCK_D, True, False, INT64)
+    i_h0 = i_hk * GROUP
+    p_qg = head_base(p_q, i_b, i_h0, stride_qb, stride_qh, USE_TMA)
+    p_dog = head_base(p_do, i_b, i_h0, stride_dob, stride_doh, USE_TMA)
+    p_ldg = p_ld + (i_b * N_HQ + i_h0) * SEQ_Q * 2
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        # Query rows that see this whole K tile need no causal mask; earlier rows see part or none.
-        m_lo = tl.maximum(start_n - (len_k - len_q), 0) // BLOCK_M * BLOCK_M
-        m_full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - (len_k - len_q), 0), len_q)
-        m_full = (m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    else:
-        m_lo = 0
-        m_full = 0
-    for i_g in range(GROUP):
-        i_h = i_hk * GROUP + i_g
-        p_qh = p_q + i_bt * stride_qb + i_h * stride_qh + q_start * stride_qs
-        p_doh = p_do + i_bt * stride_dob + i_h * stride_doh + q_start * stride_dos
-        p_lseh = p_lse + i_bt * stride_lb + i_h * stride_lh + q_start * stride_ls
-        p_deltah = p_delta + (i_bt * N_HQ + i_h) * DELTA_SEQ + q_start
-        b_dk, b_dv = _dkdv_inner(b_dk, b_dv, b_k, b_v, p_qh, p_doh, p_lseh, p_deltah, qk_scale, o_n, len_q, len_k,
-                                 m_lo, m_full, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, o_d, m_d,
-                                 CAUSAL, BLOCK_M, DOT_PRECISION, INT64)
-        b_dk, b_dv = _dkdv_inner(b_dk, b_dv, b_k, b_v, p_qh, p_doh, p_lseh, p_deltah, qk_scale, o_n, len_q, len_k,
-                                 tl.maximum(m_lo, m_full), len_q, stride_qs, stride_qd, stride_dos, stride_dod,
-                                 stride_ls, o_d, m_d, False, BLOCK_M, DOT_PRECISION, INT64)
-
-    # d(q.k) = softmax_scale * dS
-    store_block(p_dk + i_bt * stride_dkb + i_hk * stride_dkh + k_start * stride_dks, b_dk * softmax_scale, o_nw, m_n,
-                stride_dks, stride_dkd, o_d, m_d)
-    store_block(p_dv + i_bt * stride_dvb + i_hk * stride_dvh + k_start * stride_dvs, b_dv, o_nw, m_n, stride_dvs,
-                stride_dvd, o_d, m_d)
+    for i in tl.static_range(3):  # masked, full, masked
+        b_dk, b_dv = _dkdv_loop(b_dk, b_dv, b_k, b_v, p_qg, p_dog, p_ldg, i_b, i_h0, GROUP, qk_scale, p_lo, p_hi, o_n,
+                                m_n, bounds[i], bounds[i + 1], SEQ_Q, stride_qh, stride_qs, stride_qd, stride_doh,
+                                stride_dos, stride_dod, o_d, m_d, i != 1, BLOCK_M, BLOCK_D, DOT_PRECISION, USE_TMA,
+                                INT64)
+    o_nw = widen(o_n, INT64)
+    store_block(p_dk + i_b * stride_dkb + i_hk * stride_dkh, b_dk * grad_scale, o_nw, m_n, stride_dks, stride_dkd,
+                o_d, m_d)
+    store_block(p_dv + i_b * stride_dvb + i_hk * stride_dvh, b_dv, o_nw, m_n, stride_dvs, stride_dvd, o_d, m_d)
 
 
 @triton.jit
-def _dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, qk_scale, o_m, len_q, len_k, n_lo, n_hi,
-              stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d,
-              MASK_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr):
-    """Accumulate dQ (rotated space, pre-scale) of one Q tile over K tiles [n_lo, n_hi)."""
+def _dq_loop(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_b, i_hk, qk_scale, p_lo, p_hi, o_m, m_m, n_lo, n_hi, SEQ_K,
+             stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d,
+             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             USE_TMA: tl.constexpr, INT64: tl.constexpr):
+    """Accumulate dQ (rotated space, before the softmax scale) of one Q tile over the K tiles [n_lo, n_hi);
+    MASKED tiles test each row's key range."""
+    if MASKED:
+        b_lo, b_hi = row_ranges(p_lo, p_hi, o_m, m_m)
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < len_k
-        o_nw = widen(o_n, INT64)  # row offsets; masks use o_n
-        b_k = load_block(p_k, o_nw, m_n, stride_ks, stride_kd, o_d, m_d)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-        b_p = tl.math.exp2(b_s - b_lse[:, None])
-        b_p = tl.where(score_mask(o_m, o_n, len_q, len_k, MASK_CAUSAL), b_p, 0.0)
-        b_v = load_block(p_v, o_nw, m_n, stride_vs, stride_vd, o_d, m_d)
+        b_k = load_tile(p_k, i_b, i_hk, start_n, SEQ_K, stride_ks, stride_kd, o_d, m_d, BLOCK_N, BLOCK_D, MASKED,
+                        USE_TMA, INT64)
+        b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale - b_lse[:, None])
+        if MASKED:
+            b_p = tl.where(in_range(start_n + tl.arange(0, BLOCK_N), b_lo, b_hi), b_p, 0.0)
+        b_v = load_tile(p_v, i_b, i_hk, start_n, SEQ_K, stride_vs, stride_vd, o_d, m_d, BLOCK_N, BLOCK_D, MASKED,
+                        USE_TMA, INT64)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_k.dtype)
-        b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
+        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=DOT_PRECISION)
     return b_dq
 
 
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ", "DELTA_SEQ", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ"])
 def attention_bwd_dq_kernel(
-    p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, p_cu_q, p_cu_k,
+    p_q, p_k, p_v, p_do, p_ld, p_dq, p_lo, p_hi,
     # runtime scalars
-    softmax_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP, N_HQ, DELTA_SEQ,
-    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dq; (batch, head, seq) of lse
+    qk_scale, grad_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP, N_HQ,
+    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dq
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-    stride_lb, stride_lh, stride_ls,
     # meta-parameters
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid: (cdiv(max Sq, BLOCK_M), batch or n_seqs, q_heads). dQ in the rotated space."""
+    """Grid: (cdiv(Sq, BLOCK_M), batch, q_heads). p_k, p_v: pointers, or TensorDescriptors when USE_TMA;
+    p_ld: the (lse, delta) pairs; p_lo, p_hi: int32 (Sq,), the keys [lo, hi) each query row sees.
+    dQ in the rotated space, times grad_scale."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, causal) Q tiles first, as the forward
-    i_b, i_h = tl.program_id(1), widen(tl.program_id(2), INT64)
-    q_start, len_q, k_start, len_k = sequence_bounds(p_cu_q, p_cu_k, i_b, SEQ_Q, SEQ_K, IS_VARLEN, INT64)
-    start_m = i_m * BLOCK_M
-    if start_m >= len_q:
-        return
-    i_bt = 0 if IS_VARLEN else widen(i_b, INT64)
+    i_b, i_h = widen(tl.program_id(1), INT64), widen(tl.program_id(2), INT64)
     i_hk = i_h // GROUP
-    qk_scale = softmax_scale * LOG2E
 
-    o_m = start_m + tl.arange(0, BLOCK_M)
-    m_m = o_m < len_q
-    o_mw = widen(o_m, INT64)  # row offsets; masks use o_m
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < SEQ_Q
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
-    b_q = load_block(p_q + i_bt * stride_qb + i_h * stride_qh + q_start * stride_qs, o_mw, m_m, stride_qs, stride_qd,
-                     o_d, m_d)
-    b_do = load_block(p_do + i_bt * stride_dob + i_h * stride_doh + q_start * stride_dos, o_mw, m_m, stride_dos,
-                      stride_dod, o_d, m_d)
-    b_lse = tl.load(p_lse + i_bt * stride_lb + i_h * stride_lh + (q_start + o_m) * stride_ls, mask=m_m,
-                    other=float("inf"))
-    b_delta = tl.load(p_delta + (i_bt * N_HQ + i_h) * DELTA_SEQ + q_start + o_m, mask=m_m, other=0.0)
+    bounds = tile_ranges(p_lo, p_hi, i_m * BLOCK_M, tl.minimum(i_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1, BLOCK_N)
+    b_q = load_tile(p_q + i_b * stride_qb + i_h * stride_qh, i_b, i_h, i_m * BLOCK_M, SEQ_Q, stride_qs, stride_qd,
+                    o_d, m_d, BLOCK_M, BLOCK_D, True, False, INT64)
+    b_do = load_tile(p_do + i_b * stride_dob + i_h * stride_doh, i_b, i_h, i_m * BLOCK_M, SEQ_Q, stride_dos,
+                     stride_dod, o_d, m_d, BLOCK_M, BLOCK_D, True, False, INT64)
+    # Rows past the tensor read lse = 0, not +inf: their p is finite, their dq is never stored.
+    b_lse, b_delta = load_lse_delta(p_ld, (i_b * N_HQ + i_h) * SEQ_Q + i_m * BLOCK_M, i_m * BLOCK_M, SEQ_Q, BLOCK_M,
+                                    True)
+    p_kh = head_base(p_k, i_b, i_hk, stride_kb, stride_kh, USE_TMA)
+    p_vh = head_base(p_v, i_b, i_hk, stride_vb, stride_vh, USE_TMA)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    p_kh = p_k + i_bt * stride_kb + i_hk * stride_kh + k_start * stride_ks
-    p_vh = p_v + i_bt * stride_vb + i_hk * stride_vh + k_start * stride_vs
-    n_full, n_end = key_tile_range(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
-    b_dq = _dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_kh, p_vh, qk_scale, o_m, len_q, len_k, 0, n_full,
-                     stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d, False, BLOCK_N, DOT_PRECISION, INT64)
-    b_dq = _dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_kh, p_vh, qk_scale, o_m, len_q, len_k, n_full, n_end,
-                     stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d, CAUSAL, BLOCK_N, DOT_PRECISION, INT64)
-    store_block(p_dq + i_bt * stride_dqb + i_h * stride_dqh + q_start * stride_dqs, b_dq * softmax_scale, o_mw, m_m,
-                stride_dqs, stride_dqd, o_d, m_d)
+    for i in tl.static_range(3):  # masked, full, masked
+        b_dq = _dq_loop(b_dq, b_q, b_do, b_lse, b_delta, p_kh, p_vh, i_b, i_hk, qk_scale, p_lo, p_hi, o_m, m_m,
+                        bounds[i], bounds[i + 1], SEQ_K, stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d, i != 1,
+                        BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, INT64)
+    store_block(p_dq + i_b * stride_dqb + i_h * stride_dqh, b_dq * grad_scale, widen(o_m, INT64), m_m, stride_dqs,
+                stride_dqd, o_d, m_d)

@@ -27,7 +27,7 @@ from .rotary import load_block, widen
 @triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "split_len", "N_CHUNKS", "stride_lb", "stride_lh",
                                "stride_ls", "stride_lsp"])
 def attention_decode_split_kernel(
-    p_q, p_k, p_v, p_o_part, p_lse_part,
+    p_q, p_k, p_v, p_o_part, p_lse_part, p_used,
     # runtime scalars
     qk_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP, split_len, N_CHUNKS,
     # strides (batch, head, seq, dim) of q, k, v; (batch, head, seq, split, dim) / (..., split) of the partials
@@ -38,10 +38,15 @@ def attention_decode_split_kernel(
     stride_lb, stride_lh, stride_ls, stride_lsp,
     # meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    HAS_USED: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
     """Grid: (n_splits, batch, kv_heads * N_CHUNKS). One split of the cache for BLOCK_R packed
-    (query head, query) rows of one GQA group; causal is bottom-right aligned."""
+    (query head, query) rows of one GQA group; causal is bottom-right aligned.
+
+    HAS_USED: batch row b attends only its first p_used[b] keys (a static cache's filled part),
+    read here on the device, so the grid (splits over the cache's capacity SEQ_K) and everything
+    the host computes stay the same from step to step: a CUDA graph replays it. Splits past
+    the end run no iteration and merge with weight 0."""
     i_sp, i_b, i_x = tl.program_id(0), widen(tl.program_id(1), INT64), tl.program_id(2)
     i_hk, i_c = i_x // N_CHUNKS, i_x % N_CHUNKS
     o_r = i_c * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -55,8 +60,12 @@ def attention_decode_split_kernel(
     p_k += i_b * stride_kb + widen(i_hk, INT64) * stride_kh
     p_v += i_b * stride_vb + widen(i_hk, INT64) * stride_vh
 
+    if HAS_USED:
+        seq_k = tl.load(p_used + i_b)
+    else:
+        seq_k = SEQ_K
     n_lo = i_sp * split_len
-    n_hi = tl.minimum(n_lo + split_len, SEQ_K)
+    n_hi = tl.minimum(n_lo + split_len, seq_k)
     b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -68,7 +77,7 @@ def attention_decode_split_kernel(
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         m_s = m_r[:, None] & m_n[None, :]
         if CAUSAL:
-            m_s = m_s & (o_n[None, :] <= o_i[:, None] + (SEQ_K - SEQ_Q))
+            m_s = m_s & (o_n[None, :] <= o_i[:, None] + (seq_k - SEQ_Q))
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_v = load_block(p_v, o_nw, m_n, stride_vs, stride_vd, o_d, m_d)
         b_acc, b_l, b_m = online_softmax_step(b_acc, b_l, b_m, b_s, b_v, DOT_PRECISION)

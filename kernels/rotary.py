@@ -24,9 +24,15 @@ def rope_cos_sin(p_tab, tab_rows, b_pos, b_set, o_f, m_f, HALF: tl.constexpr):
 
     b_pos, b_set: [BLOCK] int32 positions and table sets; o_f, m_f: [BLOCK_HALF] frequency
     offsets and mask. Returns two fp32 [BLOCK, BLOCK_HALF] blocks (1 and 0 where masked).
+
+    Positions are checked by the launcher's caller only in eager mode (under torch.compile or
+    CUDA-graph capture they are device asserts, and the check can be switched off), so the
+    table rows are made safe here: a negative position loads nothing (masked), one past the
+    table reads its last p_hi row. A bad position gives a wrong angle, never a stray read.
     """
     set_base = b_set[:, None] * (2 * tab_rows * HALF)
-    o_hi = set_base + (b_pos >> LO_BITS)[:, None] * HALF + o_f[None, :]
+    o_hi_row = tl.minimum(b_pos >> LO_BITS, tab_rows - LO_ROWS - 1)
+    o_hi = set_base + o_hi_row[:, None] * HALF + o_f[None, :]
     o_lo = set_base + (tab_rows - LO_ROWS + (b_pos & LO_MASK))[:, None] * HALF + o_f[None, :]
     m = m_f[None, :] & (b_pos >= 0)[:, None]
     b_cos_hi = tl.load(p_tab + o_hi, mask=m, other=1.0)

@@ -10,6 +10,7 @@ import contextlib
 import os
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch options of every kernel. FMA contraction is pinned on (Triton's historical default,
@@ -32,6 +33,32 @@ def pinned_tiles() -> bool:
     return os.environ.get("LONGROPE_TRITON_PIN_TILES", "0") == "1"
 
 
+def tma_enabled(device: torch.device) -> bool:
+    """Loops may load through TMA tensor descriptors: on sm_90+ GPUs and in the interpreter (which runs
+    them), unless LONGROPE_TRITON_TMA=0 (then every kernel takes its pointer loads)."""
+    if os.environ.get("LONGROPE_TRITON_TMA", "1") == "0":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return triton_interpret()
+
+
+def descriptor(t: torch.Tensor):
+    """A host-side TensorDescriptor of t (no scratch allocator needed, unlike device-side ones), or None
+    where TMA cannot read it: no TMA (tma_enabled), a head_dim stride other than 1, a base or a stride
+    not 16-byte aligned, or an empty dimension. The block shape is set per config before each launch."""
+    size = t.element_size()
+    if not tma_enabled(t.device) or t.stride(-1) != 1 or t.data_ptr() % 16 or 0 in t.shape \
+            or any(s * size % 16 for s in t.stride()[:-1]):
+        return None
+    block = [1] * (t.dim() - 1) + [1 << (t.shape[-1] - 1).bit_length()]  # a placeholder: powers of two
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
+def is_descriptor(x) -> bool:
+    return isinstance(x, TensorDescriptor)
+
+
 def use_kernel(t: torch.Tensor) -> bool:
     """Run the Triton kernel for this tensor (else the PyTorch path).
 
@@ -46,10 +73,17 @@ def use_kernel(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and triton_interpret() and t.dtype != torch.bfloat16
 
 
+def device_of(x) -> torch.device:
+    """The device of a tensor or of a TensorDescriptor's tensor."""
+    return (x.base if is_descriptor(x) else x).device
+
+
 def needs_int64(args) -> bool:
-    """True when the largest element offset of a tensor among ``args`` reaches INT32_OFFSET_LIMIT."""
+    """True when the largest element offset of a tensor among ``args`` (a descriptor's tensor included)
+    reaches INT32_OFFSET_LIMIT."""
+    tensors = [a.base if is_descriptor(a) else a for a in args]
     return any(sum((n - 1) * s for n, s in zip(a.shape, a.stride()) if n > 0) >= INT32_OFFSET_LIMIT
-               for a in args if isinstance(a, torch.Tensor) and a.numel() > 0)
+               for a in tensors if isinstance(a, torch.Tensor) and a.numel() > 0)
 
 
 @contextlib.contextmanager
@@ -73,14 +107,17 @@ def launch_meta(args, meta: dict) -> dict:
 
 def launch(name: str, kernel, grid, args, meta: dict, tuned=None, interpret_meta=None):
     """Launch a Triton kernel: the autotuned version when compiled (if given), fixed meta-parameters
-    (interpret_meta) under the interpreter, which cannot time configs. The offset width (INT64) is
-    chosen here from the tensors of the launch. The one place kernels are launched, so that
-    scripts/compile_check.py can record every launch and compile it as the runtime would."""
+    (interpret_meta) under the interpreter, which cannot time configs (the configs' pre_hook, which
+    sizes descriptor blocks, runs for them too). The offset width (INT64) is chosen here from the
+    tensors of the launch. The one place kernels are launched, so that scripts/compile_check.py can
+    record every launch and compile it as the runtime would."""
     meta = launch_meta(args, meta)
-    with kernel_errors(name), torch.device(args[0].device):
+    with kernel_errors(name), torch.device(device_of(args[0])):
         if tuned is None:
             kernel[grid](*args, **meta, **LAUNCH_OPTIONS)
         elif triton_interpret():
+            if tuned.configs[0].pre_hook:
+                tuned.configs[0].pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **interpret_meta})
             kernel[grid(interpret_meta)](*args, **meta, **interpret_meta, **LAUNCH_OPTIONS)
         else:
             tuned[grid](*args, **meta, **LAUNCH_OPTIONS)

@@ -3,10 +3,17 @@
 Launchers, the custom op with autograd, the PyTorch path for CPU tensors, and the
 public function. The Triton kernels are in kernels/attention_fwd.py and
 kernels/attention_bwd.py; they share the rotation code of kernels/rotary.py.
+
+Nothing after the public function's checks reads a tensor value on the host: the regime (table
+set) of every batch row or packed sequence, the packed bounds and the key counts of a static
+cache are device tensors, and every grid and loop bound comes from tensor shapes. A call
+therefore compiles whole (torch.compile(fullgraph=True), torch.export) and can be captured in a
+CUDA graph; the checks themselves follow _validation's modes (docs/compile.md).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -14,138 +21,217 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from . import reference
 from . import _dispatch
 from ._dispatch import use_kernel
-from ._validation import (check_config, check_gqa, check_heads, check_position_range, check_positions,
-                          check_same, check_seq_len)
+from ._validation import (check_config, check_cu_seqlens, check_cu_seqlens_values, check_default_positions,
+                          check_gqa, check_heads, check_packed_lengths, check_position_values, check_positions,
+                          check_same, check_seq_len, check_seqused_k, check_seqused_k_values, check_use_long)
 from .config import LongRoPEConfig
 from .decode import DECODE_MAX_QUERIES, decode_forward
-from .rotary import (compute_dtype, config_from_args, launch_rotary, regime_sets, resolve_positions, rope_args,
-                     torch_rotary)
+from .rotary import (compute_dtype, config_from_args, launch_rotary, positions_end, regime_of, resolve_positions,
+                     rope_args, torch_rotary)
 from .kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                     attention_bwd_preprocess_kernel)
 from .kernels.attention_fwd import attention_fwd_kernel
-from .tables import SET_LONG, SET_SHORT
 
 # Query rows per chunk of the PyTorch path: bounds its memory at ~chunk x Sk scores per head.
 _TORCH_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------------- positions and regimes
-def _varlen_positions(cu_seqlens: torch.Tensor, total: int, bottom_right_lens: Optional[torch.Tensor] = None):
-    """Per-sequence arange positions (1, total) for packed sequences; a query row of sequence b
-    sits at position (len_k_b - len_q_b) + i so causal masking stays bottom-right aligned."""
-    idx = torch.arange(total, device=cu_seqlens.device)
-    seq_id = torch.searchsorted(cu_seqlens[1:], idx, right=True)
-    pos = idx - cu_seqlens[seq_id]
-    if bottom_right_lens is not None:
-        pos = pos + bottom_right_lens[seq_id]
-    return pos[None]
+def _sanitized_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """cu_seqlens as int32 the kernels can trust whatever the caller passed: 0 first, ``total`` last,
+    non-decreasing. A valid one comes back unchanged (eager checks reject an invalid one before;
+    with them off or under tracing, this keeps every packed bound inside the tensors)."""
+    inner = cu[1:-1].clamp(0, total)
+    cu = torch.cat([cu.new_zeros(1), inner, cu.new_full((1,), total)])
+    return torch.cummax(cu, 0).values.to(torch.int32)
 
 
-def _segment_max(pos: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """max(position) + 1 per packed sequence, int64 (n_seqs,); 0 for empty sequences."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=pos.device), lengths)
-    out = torch.zeros(len(lengths), dtype=torch.int64, device=pos.device)
-    return out.scatter_reduce(0, seq_id, pos[0, : int(cu_seqlens[-1])] + 1, reduce="amax")
+def _segments(cu: torch.Tensor, rows: int) -> torch.Tensor:
+    """The packed sequence of each of ``rows`` rows, int64 (rows,), from sanitized bounds."""
+    return torch.searchsorted(cu[1:], torch.arange(rows, device=cu.device, dtype=cu.dtype), right=True)
+
+
+def _segment_end(pos: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:
+    """max(position) + 1 per packed sequence, int64 (n,); 0 for an empty sequence."""
+    return pos.new_zeros(n).scatter_reduce(0, seq, pos[0] + 1, reduce="amax")
+
+
+def _max_end(a, b):
+    """The larger of two lengths, each a host int or a device tensor (host only when both are)."""
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    if not isinstance(a, torch.Tensor):
+        return max(a, b)
+    return torch.maximum(a, b) if isinstance(b, torch.Tensor) else a.clamp(min=b)
 
 
 class _Plan:
-    """Everything the kernels and the PyTorch path need besides q, k, v: validated int64
-    positions, the table set (1 short, 2 long) of each sequence and of each q and k row,
-    the sequence bounds, and whether q and k share their positions (one conjugate launch)."""
+    """Everything the kernels and the PyTorch path need besides q, k, v, as device tensors or host
+    shapes (nothing is read back):
 
-    def __init__(self, cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len):
-        batch, _, sq, _ = q.shape
-        sk = k.shape[2]
+    - q_pos, k_pos: int64 positions (B or 1, S);
+    - seq_sets: int32 table set (1 short, 2 long) of each batch row (B,) or packed sequence (n,),
+      decided on the device (_validation and DESIGN §1: from max(position) + 1, seq_len, or the
+      caller's use_long); q_sets, k_sets: the same per q / k row, broadcast views (B or 1, S);
+    - varlen: packed sequences; cu_q, cu_k: int32 (n + 1,) bounds, always safe to index
+      (_sanitized_cu); n_seqs = n (a host shape; empty sequences may appear anywhere); seq_q,
+      seq_k: the packed sequence of each row;
+    - seqused_k: int32 (B,) keys in use per batch row (a static KV cache; causal alignment is
+      bottom-right against it), or None;
+    - shared_positions: q and k rows are the same rows at the same positions (one rotary launch).
+
+    The regime counts the key positions only when the keys are rotated here (``rotate_k``): a
+    rotated cache was rotated in its own regime, and a static cache's unused slots have none.
+    """
+
+    def __init__(self, cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len,
+                 use_long: Optional[torch.Tensor] = None, seqused_k: Optional[torch.Tensor] = None,
+                 rotate_k: bool = True):
         self.varlen = cu_seqlens_q is not None
+        self.seqused_k = None if seqused_k is None else seqused_k.clamp(0, k.shape[2]).to(torch.int32)
         if self.varlen:
-            lens_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-            lens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-            if bool((lens_q > lens_k).any()):
-                raise ValueError("every packed sequence needs at least as many keys as queries")
-            self.q_pos = (_varlen_positions(cu_seqlens_q, sq, lens_k - lens_q) if position_ids is None
-                          else position_ids.expand(1, sq).to(torch.int64))
-            self.k_pos = (_varlen_positions(cu_seqlens_k, sk) if kv_position_ids is None
-                          else kv_position_ids.expand(1, sk).to(torch.int64))
-            check_position_range(self.q_pos, cfg.max_position_embeddings)
-            check_position_range(self.k_pos, cfg.max_position_embeddings)
-            ends = torch.maximum(_segment_max(self.q_pos, cu_seqlens_q), _segment_max(self.k_pos, cu_seqlens_k))
-            if seq_len is not None:
-                ends = torch.full_like(ends, seq_len)
-            self.seq_sets = torch.where(ends > cfg.original_max_position_embeddings, SET_LONG, SET_SHORT).int()
-            self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
-            self.n_seqs = len(lens_q)
-            self.max_q, self.max_k = int(lens_q.max()), int(lens_k.max())
-            self.q_sets = self.seq_sets.repeat_interleave(lens_q, output_size=sq)[None]
-            self.k_sets = self.seq_sets.repeat_interleave(lens_k, output_size=sk)[None]
-            self.shared_positions = (position_ids is None and kv_position_ids is None
-                                     and cu_seqlens_q is cu_seqlens_k)
+            self._packed(cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len, use_long,
+                         rotate_k)
         else:
-            self.q_pos, end_q = resolve_positions(cfg, position_ids, batch, sq, q.device, start=sk - sq)
-            self.k_pos, end_k = resolve_positions(cfg, kv_position_ids, batch, sk, q.device)
-            long = cfg.use_long(max(end_q, end_k) if seq_len is None else seq_len)
-            self.seq_sets = torch.full((batch,), SET_LONG if long else SET_SHORT, dtype=torch.int32,
-                                       device=q.device)
-            self.q_sets, self.k_sets = regime_sets(long, batch, sq, q.device), regime_sets(long, batch, sk, q.device)
-            self.cu_q = self.cu_k = None
-            self.n_seqs, self.max_q, self.max_k = batch, sq, sk
-            self.shared_positions = sq == sk and position_ids is kv_position_ids
+            self._batched(cfg, q, k, position_ids, kv_position_ids, seq_len, use_long, rotate_k)
 
-    def sequences(self):
-        """(batch index, q slice, k slice, long?) for every sequence, for the PyTorch path."""
-        for b in range(self.n_seqs):
-            long = int(self.seq_sets[b]) == SET_LONG
-            if self.varlen:
-                q0, q1, k0, k1 = (int(self.cu_q[b]), int(self.cu_q[b + 1]), int(self.cu_k[b]), int(self.cu_k[b + 1]))
-                yield 0, slice(q0, q1), slice(k0, k1), long
+    def _batched(self, cfg, q, k, position_ids, kv_position_ids, seq_len, use_long, rotate_k):
+        batch, sq, sk, device = q.shape[0], q.shape[2], k.shape[2], q.device
+        used = self.seqused_k
+        # Default query positions end where the keys in use end (bottom-right alignment).
+        q_start = sk - sq if used is None else used.to(torch.int64)[:, None] - sq
+        self.q_pos = resolve_positions(position_ids, batch, sq, device, start=q_start)
+        self.k_pos = resolve_positions(kv_position_ids, batch, sk, device)
+        end = sk if position_ids is None and used is None else positions_end(self.q_pos)
+        if rotate_k:
+            if kv_position_ids is not None:
+                k_pos = self.k_pos if used is None else torch.where(
+                    torch.arange(sk, device=device) < used[:, None], self.k_pos, -1)
+                end = _max_end(end, positions_end(k_pos))
             else:
-                yield b, slice(None), slice(None), long
+                end = _max_end(end, sk if used is None else used.amax().to(torch.int64))
+        self.seq_sets = regime_of(cfg, end, seq_len, use_long, device).expand(batch)
+        self.q_sets = self.seq_sets[:, None].expand(batch, sq)
+        self.k_sets = self.seq_sets[:, None].expand(batch, sk)
+        self.cu_q = self.cu_k = self.seq_q = self.seq_k = None
+        self.n_seqs = batch
+        self.shared_positions = sq == sk and position_ids is kv_position_ids and used is None
+
+    def _packed(self, cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len, use_long,
+                rotate_k):
+        sq, sk, device = q.shape[2], k.shape[2], q.device
+        n = cu_seqlens_q.shape[0] - 1
+        self.cu_q = _sanitized_cu(cu_seqlens_q, sq)
+        same = cu_seqlens_k is None or (cu_seqlens_k is cu_seqlens_q and sq == sk)
+        self.cu_k = self.cu_q if same else _sanitized_cu(cu_seqlens_k, sk)
+        self.seq_q = _segments(self.cu_q, sq)
+        self.seq_k = self.seq_q if same else _segments(self.cu_k, sk)
+        lens_q, lens_k = self.cu_q[1:] - self.cu_q[:-1], self.cu_k[1:] - self.cu_k[:-1]
+        if position_ids is None:  # per-sequence arange, bottom-right aligned to the sequence's keys
+            rows = torch.arange(sq, device=device)
+            self.q_pos = (rows - self.cu_q[self.seq_q] + (lens_k - lens_q)[self.seq_q]).to(torch.int64)[None]
+        else:
+            self.q_pos = position_ids.expand(1, sq).to(torch.int64)
+        if kv_position_ids is None:
+            self.k_pos = (torch.arange(sk, device=device) - self.cu_k[self.seq_k]).to(torch.int64)[None]
+        else:
+            self.k_pos = kv_position_ids.expand(1, sk).to(torch.int64)
+        ends = None
+        if use_long is None and seq_len is None:
+            ends = _segment_end(self.q_pos, self.seq_q, n)
+            if rotate_k:
+                ends = torch.maximum(ends, _segment_end(self.k_pos, self.seq_k, n))
+        self.seq_sets = regime_of(cfg, ends, seq_len, use_long, device).expand(n)
+        self.q_sets = self.seq_sets[self.seq_q][None]
+        self.k_sets = self.seq_sets[self.seq_k][None]
+        self.n_seqs = n
+        self.shared_positions = same and position_ids is kv_position_ids
+
+    def row(self, b: int) -> "_Plan":
+        """Batch row ``b`` of a plan with seqused_k as a packed plan of two sequences, [its queries |
+        its first seqused_k[b] keys] and [no query | the remaining keys]: how the prefill launchers,
+        which do not read seqused_k, run a static cache (see _kernel_forward)."""
+        sq, sk = self.q_pos.shape[1], self.k_pos.shape[1]
+        row = copy.copy(self)
+        zero = self.seqused_k.new_zeros(1)
+        row.varlen, row.seqused_k, row.n_seqs, row.shared_positions = True, None, 2, False
+        row.cu_q = torch.cat([zero, zero + sq, zero + sq])
+        row.cu_k = torch.cat([zero, self.seqused_k[b:b + 1], zero + sk])
+        row.seq_q = torch.zeros(sq, dtype=torch.int64, device=zero.device)
+        row.seq_k = (torch.arange(sk, device=zero.device) >= self.seqused_k[b]).to(torch.int64)
+        row.q_pos, row.k_pos = self.q_pos[b:b + 1], self.k_pos[b:b + 1]
+        row.seq_sets = self.seq_sets[b:b + 1].expand(2)
+        row.q_sets, row.k_sets = self.q_sets[b:b + 1], self.k_sets[b:b + 1]
+        return row
 
 
 # ---------------------------------------------------------------------------- PyTorch path
-def _torch_sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    """softmax attention with GQA, bottom-right causal, chunked over queries (memory ~chunk x Sk)."""
+def _key_bounds(plan: _Plan, causal: bool, sq: int, sk: int, device):
+    """(lo, hi) int64 (B or 1, Sq): query row i of batch row b attends the keys [lo, hi): those of
+    its packed sequence, or the first seqused_k[b]; under causal only up to its bottom-right
+    aligned diagonal (query i of a sequence sees keys j <= i + len_k - len_q). Device tensors."""
+    rows = torch.arange(sq, device=device)
+    if plan.varlen:
+        seq = plan.seq_q
+        lo, hi, end = (plan.cu_k[seq][None].to(torch.int64), plan.cu_k[seq + 1][None].to(torch.int64),
+                       plan.cu_q[seq + 1].to(torch.int64))
+    else:
+        lo = torch.zeros(1, sq, dtype=torch.int64, device=device)
+        used = plan.seqused_k.to(torch.int64)[:, None]
+        hi, end = used.expand(-1, sq), sq
+    if causal:
+        hi = torch.maximum(hi + (rows + 1 - end), lo)
+    return lo, hi
+
+
+def _torch_sdpa(q, k, v, plan: _Plan, causal: bool, scale: float) -> torch.Tensor:
+    """softmax attention with GQA, bottom-right causal, chunked over queries (memory ~chunk x Sk).
+    Packed sequences and a static cache's key counts are masks built on the device."""
     sq, sk = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
+    if plan.varlen or plan.seqused_k is not None:
+        lo, hi = _key_bounds(plan, causal, sq, sk, q.device)
+        # Causal self-attention over one index axis (packed sequences sharing their bounds): a row
+        # never sees a key past itself, so a chunk's keys end where the chunk does.
+        aligned = causal and plan.varlen and plan.cu_k is plan.cu_q
+        keys = torch.arange(sk, device=q.device)
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        for a in range(0, sq, _TORCH_CHUNK):
+            b = min(a + _TORCH_CHUNK, sq)
+            end = b if aligned else sk
+            seen = (keys[:end] >= lo[:, a:b, None]) & (keys[:end] < hi[:, a:b, None])
+            chunk = F.scaled_dot_product_attention(q[..., a:b, :], k[..., :end, :], v[..., :end, :],
+                                                   attn_mask=seen[:, None], scale=scale, enable_gqa=gqa)
+            # A row that sees no key gives zeros, as flash-attn does (the softmax of nothing is NaN).
+            out[..., a:b, :] = torch.where((hi[:, a:b] > lo[:, a:b])[:, None, :, None], chunk, 0.0)
+        return out
     if not causal or sq == sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     offset = sk - sq
     first_row = max(0, -offset)  # rows before it see no key: zeros, as flash-attn
+    keys = torch.arange(sk, device=q.device)
     for a in range(first_row, sq, _TORCH_CHUNK):
         b = min(a + _TORCH_CHUNK, sq)
         end = b + offset
-        mask = reference.causal_mask(sq, sk, q.device)[a:b, :end]
+        mask = keys[None, :end] <= torch.arange(a + offset, b + offset, device=q.device)[:, None]
         out[..., a:b, :] = F.scaled_dot_product_attention(
             q[..., a:b, :], k[..., :end, :], v[..., :end, :], attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out
 
 
-def _torch_rotate_into(out, x, cfg, pos, long, b, rows, conjugate=False):
-    """Rotate one sequence's rows of x (the PyTorch rotary path) and write them, rounded, into out."""
-    out[b:b + 1, :, rows] = torch_rotary(x[b:b + 1, :, rows], pos[min(b, len(pos) - 1), rows][None], cfg, long,
-                                         conjugate)
-
-
 def torch_attention(q, k, v, cfg: LongRoPEConfig, plan: _Plan, causal: bool, scale: float,
                     rotate_q: bool, rotate_k: bool):
     """PyTorch path with the kernels' convention: q and k rotated once (float64 angles) and rounded
-    to the input dtype, then attention in compute_dtype. Returns (out, q_rot, k_rot)."""
+    to the input dtype, then attention in compute_dtype. Returns (out, q_rot, k_rot) in the
+    layouts the kernels give (those of q and k). Vectorized: no host read."""
     dtype = compute_dtype(q.dtype)
-    q_rot = torch.empty_like(q) if rotate_q else q
-    k_rot = torch.empty_like(k) if rotate_k else k
-    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    for b, qs, ks, long in plan.sequences():
-        if rotate_q:
-            _torch_rotate_into(q_rot, q, cfg, plan.q_pos, long, b, qs)
-        if rotate_k:
-            _torch_rotate_into(k_rot, k, cfg, plan.k_pos, long, b, ks)
-        qb, kb, vb = (t[b:b + 1, :, rows].to(dtype) for t, rows in ((q_rot, qs), (k_rot, ks), (v, ks)))
-        out[b:b + 1, :, qs] = _torch_sdpa(qb, kb, vb, causal, scale).to(q.dtype)
-    return out, q_rot, k_rot
+    q_rot = torch.empty_like(q).copy_(torch_rotary(q, plan.q_pos, plan.q_sets, cfg)) if rotate_q else q
+    k_rot = torch.empty_like(k).copy_(torch_rotary(k, plan.k_pos, plan.k_sets, cfg)) if rotate_k else k
+    out = _torch_sdpa(q_rot.to(dtype), k_rot.to(dtype), v.to(dtype), plan, causal, scale)
+    return torch.empty_like(q).copy_(out), q_rot, k_rot
 
 
 def torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg: LongRoPEConfig, plan: _Plan,
@@ -153,63 +239,68 @@ def torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg: LongRoP
     """PyTorch-path gradients (the FlashAttention-2 formulas, chunked over query rows) on the rotated
     operands: dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q in the
     rotated space (plus grad_k_rot, the gradient reaching returned rotated keys, or None), then the
-    conjugate rotation back; GQA gradients summed over each group."""
+    conjugate rotation back; GQA gradients summed over each group. Masks as in the forward."""
     dtype = compute_dtype(q_rot.dtype)
-    dq, dk, dv = torch.zeros_like(q_rot), torch.zeros_like(k_rot), torch.zeros_like(v)
+    batch, n_hq, sq, _ = q_rot.shape
+    sk = k_rot.shape[2]
+    group = n_hq // k_rot.shape[1]
+    qd, do = q_rot.to(dtype), grad_out.to(dtype)
+    kd, vd = (t.to(dtype).repeat_interleave(group, 1) for t in (k_rot, v))
     dq_rot = torch.zeros(q_rot.shape, dtype=dtype, device=q_rot.device)
-    dk_rot = torch.zeros(k_rot.shape, dtype=dtype, device=k_rot.device)
-    group = q_rot.shape[1] // k_rot.shape[1]
+    dk_rot, dv_rot = torch.zeros_like(kd), torch.zeros_like(vd)
+    masked = plan.varlen or plan.seqused_k is not None
+    if masked:
+        lo, hi = _key_bounds(plan, causal, sq, sk, q_rot.device)
+    aligned = causal and (plan.cu_k is plan.cu_q if plan.varlen else (not masked and sq == sk))
+    keys = torch.arange(sk, device=q_rot.device)
+    rows = max(16, (1 << 24) // max(1, sk * n_hq * batch))
+    for a in range(0, sq, rows):
+        e = min(a + rows, sq)
+        end = e if aligned else sk
+        s = torch.matmul(qd[:, :, a:e], kd[:, :, :end].transpose(-1, -2)) * scale
+        if masked:
+            s = s.masked_fill(~((keys[:end] >= lo[:, a:e, None]) & (keys[:end] < hi[:, a:e, None]))[:, None],
+                              float("-inf"))
+        elif causal:
+            diagonal = torch.arange(a, e, device=q_rot.device)[:, None] + (sk - sq)
+            s = s.masked_fill(keys[None, :end] > diagonal, float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+        do_c, k_c, v_c = do[:, :, a:e], kd[:, :, :end], vd[:, :, :end]
+        delta = (do_c * torch.matmul(p, v_c)).sum(-1, keepdim=True)
+        dv_rot[:, :, :end] += torch.matmul(p.transpose(-1, -2), do_c)
+        ds = p * (torch.matmul(do_c, v_c.transpose(-1, -2)) - delta)
+        dq_rot[:, :, a:e] = torch.matmul(ds, k_c) * scale
+        dk_rot[:, :, :end] += torch.matmul(ds.transpose(-1, -2), qd[:, :, a:e]) * scale
     fold = lambda t: t.unflatten(1, (-1, group)).sum(2)  # noqa: E731 - sum each GQA group
-    for b, qs, ks, long in plan.sequences():
-        qb = q_rot[b:b + 1, :, qs].to(dtype)
-        kb, vb = (t[b:b + 1, :, ks].to(dtype).repeat_interleave(group, 1) for t in (k_rot, v))
-        dob = grad_out[b:b + 1, :, qs].to(dtype)
-        sq, sk = qb.shape[2], kb.shape[2]
-        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
-        rows = max(16, (1 << 24) // max(1, sk * qb.shape[1]))
-        for a in range(0, sq, rows):
-            e = min(a + rows, sq)
-            s = torch.matmul(qb[:, :, a:e], kb.transpose(-1, -2)) * scale
-            if causal:
-                s = s.masked_fill(~reference.causal_mask(sq, sk, q_rot.device)[a:e], float("-inf"))
-            p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-            do_c = dob[:, :, a:e]
-            delta = (do_c * torch.matmul(p, vb)).sum(-1, keepdim=True)
-            dvb += torch.matmul(p.transpose(-1, -2), do_c)
-            ds = p * (torch.matmul(do_c, vb.transpose(-1, -2)) - delta)
-            dq_rot[b:b + 1, :, qs][:, :, a:e] = torch.matmul(ds, kb) * scale
-            dkb += torch.matmul(ds.transpose(-1, -2), qb[:, :, a:e]) * scale
-        dk_rot[b:b + 1, :, ks] = fold(dkb)
-        if grad_k_rot is not None:
-            dk_rot[b:b + 1, :, ks] += grad_k_rot[b:b + 1, :, ks]
-        dv[b:b + 1, :, ks] = fold(dvb).to(v.dtype)
-        for grad_rot, grad, pos, rows, rotate in ((dq_rot, dq, plan.q_pos, qs, rotate_q),
-                                                  (dk_rot, dk, plan.k_pos, ks, rotate_k)):
-            if rotate:
-                _torch_rotate_into(grad, grad_rot, cfg, pos, long, b, rows, conjugate=True)
-            else:
-                grad[b:b + 1, :, rows] = grad_rot[b:b + 1, :, rows].to(grad.dtype)
-    return dq, dk, dv
+    dk_rot = fold(dk_rot)
+    if grad_k_rot is not None:
+        dk_rot += grad_k_rot
+    dq = torch_rotary(dq_rot, plan.q_pos, plan.q_sets, cfg, conjugate=True) if rotate_q else dq_rot
+    dk = torch_rotary(dk_rot, plan.k_pos, plan.k_sets, cfg, conjugate=True) if rotate_k else dk_rot
+    return (torch.empty_like(q_rot).copy_(dq), torch.empty_like(k_rot).copy_(dk),
+            torch.empty_like(v).copy_(fold(dv_rot)))
 
 
 # ---------------------------------------------------------------------------- Triton launchers
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and row class (the bytes of one q, k or v
-# row: BLOCK_D x element size). With rotation out of the loops these are plain FlashAttention-2
-# kernels; every tile listed compiles for sm_90 with no register spill and within the shared
-# memory of an H100 block, and tests/test_compile_budget.py keeps it that way
-# (scripts/compile_check.py, docs/kernels.md).
+# row: BLOCK_D x element size); the first of each list is what LONGROPE_TRITON_PIN_TILES=1 runs.
+# For fp16/bf16 every tile compiles for sm_90 on both load paths within an H100 block's shared
+# memory; up to head_dim 128 they run wgmma only, spill at most 256 B/thread and never inside a
+# loop (one documented exception: dK/dV on pointer loads at head_dim 80-128) and keep their
+# steady-state loop within the instruction budget; head_dim 256's are spill-free (its dK/dV on
+# mma.sync). tests/test_compile_budget.py holds them to it (scripts/sass_report.py, docs/kernels.md).
 _TILES = {
-    "fwd": {128: [(128, 64, 8, 3), (64, 64, 4, 3)],
-            256: [(128, 64, 8, 3), (128, 64, 8, 2)],
-            512: [(32, 64, 4, 2)],
+    "fwd": {128: [(128, 128, 8, 3), (128, 64, 8, 3)],
+            256: [(128, 128, 8, 2), (128, 64, 8, 2)],
+            512: [(64, 32, 4, 1)],
             1024: [(16, 32, 4, 2)]},
-    "dkdv": {128: [(32, 128, 8, 3), (16, 128, 8, 2)],
-             256: [(16, 128, 8, 2), (64, 32, 8, 2)],
+    "dkdv": {128: [(64, 128, 8, 2), (64, 128, 8, 3)],
+             256: [(64, 128, 8, 2), (64, 64, 4, 2)],
              512: [(32, 32, 8, 2), (16, 32, 8, 1)],
              1024: [(16, 16, 4, 2)]},
-    "dq": {128: [(128, 64, 8, 3), (64, 64, 4, 3)],
-           256: [(128, 64, 8, 2), (64, 64, 8, 2)],
-           512: [(32, 64, 8, 2), (64, 32, 8, 2)],
+    "dq": {128: [(128, 128, 8, 2), (128, 64, 8, 3)],
+           256: [(128, 128, 8, 2), (128, 64, 8, 3)],
+           512: [(64, 32, 4, 2)],
            1024: [(16, 32, 4, 2)]},
 }
 
@@ -219,25 +310,35 @@ def row_class(block_d: int, element_size: int) -> int:
     return max(128, min(1024, block_d * element_size))
 
 
-def _autotuned(kernel, tiles, key):
-    """The kernel autotuned over its tiles; launch-time pruning keeps those of the row class."""
-    configs = {cls: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in t]
-               for cls, t in tiles.items()}
+def _autotuned(kernel, tiles, descriptors):
+    """The kernel autotuned over its tiles; launch-time pruning keeps those of the row class. Before
+    each config runs, its pre_hook sets the block shape of the TensorDescriptor arguments:
+    ``descriptors`` maps each such argument to the meta-parameter that counts its rows."""
+    def block_shapes(nargs):
+        for name, rows in descriptors.items():
+            if _dispatch.is_descriptor(nargs[name]):
+                nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+
+    configs = {cls: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=block_shapes)
+                     for m, n, w, s in t] for cls, t in tiles.items()}
+
+    operand = "p_k" if "p_q" in descriptors else "p_q"  # an input that stays a pointer: it has the dtype
 
     def keep_row_class(all_configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        tiles = configs[row_class(args["BLOCK_D"], args["p_q"].element_size())]
+        tiles = configs[row_class(args["BLOCK_D"], args[operand].element_size())]
         return tiles[:1] if _dispatch.pinned_tiles() else tiles
 
-    return triton.autotune([c for cs in configs.values() for c in cs], key=key,
+    # Keys are constexpr dims and flags only (sequence lengths are not specialized either, and the
+    # causal mask and packing are data: row ranges), so a new length or mask never retunes or
+    # recompiles; the dtype is part of Triton's own key (from the inputs that stay pointers).
+    return triton.autotune([c for cs in configs.values() for c in cs], key=["BLOCK_D", "USE_TMA"],
                            prune_configs_by={"early_config_prune": keep_row_class})(kernel)
 
 
-# Keys are constexpr dims and flags only (sequence lengths are not specialized either), so a new
-# length never retunes or recompiles; the dtype is part of Triton's own cache key.
-_fwd_tuned = _autotuned(attention_fwd_kernel, _TILES["fwd"], ["BLOCK_D", "CAUSAL", "IS_VARLEN"])
-_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"], ["BLOCK_D", "CAUSAL", "IS_VARLEN"])
-_dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"], ["BLOCK_D", "CAUSAL", "IS_VARLEN"])
+_fwd_tuned = _autotuned(attention_fwd_kernel, _TILES["fwd"], {"p_k": "BLOCK_N", "p_v": "BLOCK_N"})
+_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"], {"p_q": "BLOCK_M", "p_do": "BLOCK_M"})
+_dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"], {"p_k": "BLOCK_N", "p_v": "BLOCK_N"})
 # The interpreter cannot time configs: it runs one fixed tile, small enough to exercise edges.
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
@@ -250,14 +351,55 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _common_meta(q, causal, plan):
-    return dict(BLOCK_D=_block_d(q.shape[-1]), CAUSAL=causal, IS_VARLEN=plan.varlen,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+def _common_meta(q, use_tma):
+    return dict(BLOCK_D=_block_d(q.shape[-1]), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                USE_TMA=use_tma)
 
 
-def _bounds(plan):
-    """cu_seqlens pointers (any int tensor when not packed: the kernels do not read them)."""
-    return (plan.cu_q, plan.cu_k) if plan.varlen else (plan.seq_sets, plan.seq_sets)
+def _query_ranges(plan, causal, sq, sk, device):
+    """(lo, hi), int32 (Sq,): the keys [lo, hi) each query row sees: its packed sequence's keys (all
+    keys when not packed), under causal only the first (Sk_b - Sq_b) + i + 1 of them for its query i
+    (bottom-right aligned). Both non-decreasing along the rows, which the kernels rely on. Device
+    ops on the plan's bounds, never a host read: grids and sizes come from tensor shapes only."""
+    rows = torch.arange(sq, device=device)
+    if plan.varlen:
+        lo, hi, end = plan.cu_k[plan.seq_q], plan.cu_k[plan.seq_q + 1], plan.cu_q[plan.seq_q + 1]
+    else:
+        lo, hi, end = torch.zeros_like(rows), torch.full_like(rows, sk), sq
+    if causal:
+        hi = torch.maximum(hi + (rows + 1 - end), lo)
+    return lo.int(), hi.int()
+
+
+def _key_ranges(plan, causal, sq, sk, device):
+    """(lo, hi), int32 (Sk,): the query rows [lo, hi) that see each key (the transpose of
+    _query_ranges), non-decreasing along the keys."""
+    keys = torch.arange(sk, device=device)
+    if plan.varlen:
+        lo, hi, end = plan.cu_q[plan.seq_k], plan.cu_q[plan.seq_k + 1], plan.cu_k[plan.seq_k + 1]
+    else:
+        lo, hi, end = torch.zeros_like(keys), torch.full_like(keys, sq), sk
+    if causal:
+        lo = torch.minimum(torch.maximum(hi + (keys - end), lo), hi)
+    return lo.int(), hi.int()
+
+
+def _loop_operands(*tensors):
+    """(operands, use_tma): what the kernel's loops load from. TensorDescriptors (TMA) when the device
+    has TMA and every tensor's layout allows it (_dispatch.descriptor), else the tensors themselves."""
+    descs = [_dispatch.descriptor(t) for t in tensors]
+    if all(d is not None for d in descs):
+        return descs, True
+    return list(tensors), False
+
+
+def _scales(softmax_scale, k_rot):
+    """(keys, qk_scale): the kernels take the row max before scaling, which needs a scale >= 0. A
+    negative one is the positive scale on -k (a sign flip: exact, the same rounding), as the
+    backward's gradient multipliers account for."""
+    if softmax_scale < 0:
+        k_rot = -k_rot
+    return k_rot, abs(softmax_scale) * 1.4426950408889634
 
 
 def rotate_once(q, k, cfg, plan, rotate_q, rotate_k, conjugate=False, q_out=None, k_out=None):
@@ -290,11 +432,14 @@ def _prefill_forward(q_rot, k_rot, v, plan, causal, softmax_scale):
     """The FlashAttention-2 forward kernel on rotated q and k: (out, lse)."""
     out = torch.empty_like(q_rot)
     lse = torch.empty(q_rot.shape[:-1], dtype=torch.float32, device=q_rot.device)
-    args = (q_rot, k_rot, v, out, lse, *_bounds(plan), softmax_scale * 1.4426950408889634, q_rot.shape[2],
-            k_rot.shape[2], q_rot.shape[3], q_rot.shape[1] // k_rot.shape[1],
-            *q_rot.stride(), *k_rot.stride(), *v.stride(), *out.stride(), *lse.stride())
-    grid = lambda m: (triton.cdiv(plan.max_q, m["BLOCK_M"]), plan.n_seqs, q_rot.shape[1])  # noqa: E731
-    _launch("attention forward", attention_fwd_kernel, _fwd_tuned, grid, args, _common_meta(q_rot, causal, plan))
+    keys, qk_scale = _scales(softmax_scale, k_rot)
+    (k_in, v_in), use_tma = _loop_operands(keys, v)
+    sq, sk = q_rot.shape[2], k_rot.shape[2]
+    args = (q_rot, k_in, v_in, out, lse, *_query_ranges(plan, causal, sq, sk, q_rot.device), qk_scale, sq, sk,
+            q_rot.shape[3], q_rot.shape[1] // k_rot.shape[1],
+            *q_rot.stride(), *keys.stride(), *v.stride(), *out.stride(), *lse.stride())
+    grid = lambda m: (triton.cdiv(sq, m["BLOCK_M"]), q_rot.shape[0], q_rot.shape[1])  # noqa: E731
+    _launch("attention forward", attention_fwd_kernel, _fwd_tuned, grid, args, _common_meta(q_rot, use_tma))
     return out, lse
 
 
@@ -312,24 +457,31 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
     """Triton backward on the rotated operands: (dq, dk, dv) in the inputs' layouts and dtypes.
     grad_k_rot: the gradient reaching the rotated keys the forward returned (or None)."""
     batch, n_hq, sq, head_dim = q_rot.shape
-    delta = torch.empty((batch, n_hq, sq), dtype=torch.float32, device=q_rot.device)
+    sk = k_rot.shape[2]
+    # Each row's (lse, delta = rowsum(dO O)) pair, interleaved: the dK/dV loop loads both at once.
+    ld = torch.empty((batch, n_hq, sq, 2), dtype=torch.float32, device=q_rot.device)
     _dispatch.launch("attention backward preprocess", attention_bwd_preprocess_kernel,
-                     (triton.cdiv(sq, 64), batch, n_hq), (out, grad_out, delta, sq, head_dim, *out.stride(),
-                                                          *grad_out.stride()),
+                     (triton.cdiv(sq, 64), batch, n_hq), (out, grad_out, lse, ld, sq, head_dim, *out.stride(),
+                                                          *grad_out.stride(), *lse.stride()),
                      dict(BLOCK_M=64, BLOCK_DV=_block_d(head_dim)))
     dq, dq_acc = _gradient_buffer(q_rot, rotate_q)
     dk, dk_acc = _gradient_buffer(k_rot, rotate_k)
     dv = torch.empty_like(v)
-    meta = _common_meta(q_rot, causal, plan)
-    head = (*_bounds(plan), softmax_scale, sq, k_rot.shape[2], head_dim, n_hq // k_rot.shape[1], n_hq, sq)
-    strides = (*q_rot.stride(), *k_rot.stride(), *v.stride(), *grad_out.stride())
+    keys, qk_scale = _scales(softmax_scale, k_rot)
+    head = (sq, sk, head_dim, n_hq // k_rot.shape[1], n_hq)
+    strides = (*q_rot.stride(), *keys.stride(), *v.stride(), *grad_out.stride())
+    # dk is the gradient of the keys the kernel read (-k for a negative scale): the signed scale
+    # restores it; dq's multiplier is |scale| either way (see _scales).
+    (q_in, do_in), use_tma = _loop_operands(q_rot, grad_out)
     _launch("attention backward dK/dV", attention_bwd_dkdv_kernel, _dkdv_tuned,
-            lambda m: (triton.cdiv(plan.max_k, m["BLOCK_N"]), plan.n_seqs, k_rot.shape[1]),
-            (q_rot, k_rot, v, grad_out, lse, delta, dk_acc, dv, *head, *strides, *dk_acc.stride(), *dv.stride(),
-             *lse.stride()), meta)
+            lambda m: (triton.cdiv(sk, m["BLOCK_N"]), batch, k_rot.shape[1]),
+            (q_in, keys, v, do_in, ld, dk_acc, dv, *_key_ranges(plan, causal, sq, sk, q_rot.device), qk_scale,
+             softmax_scale, *head, *strides, *dk_acc.stride(), *dv.stride()), _common_meta(q_rot, use_tma))
+    (k_in, v_in), use_tma = _loop_operands(keys, v)
     _launch("attention backward dQ", attention_bwd_dq_kernel, _dq_tuned,
-            lambda m: (triton.cdiv(plan.max_q, m["BLOCK_M"]), plan.n_seqs, n_hq),
-            (q_rot, k_rot, v, grad_out, lse, delta, dq_acc, *head, *strides, *dq_acc.stride(), *lse.stride()), meta)
+            lambda m: (triton.cdiv(sq, m["BLOCK_M"]), batch, n_hq),
+            (q_rot, k_in, v_in, grad_out, ld, dq_acc, *_query_ranges(plan, causal, sq, sk, q_rot.device), qk_scale,
+             abs(softmax_scale), *head, *strides, *dq_acc.stride()), _common_meta(q_rot, use_tma))
     if grad_k_rot is not None:
         dk_acc += grad_k_rot
     # Back to the caller's space: the conjugate rotation, once per token.
@@ -338,99 +490,144 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
 
 
 # ---------------------------------------------------------------------------- custom op + autograd
-@torch.library.custom_op("longrope_triton::fused_rope_attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: Optional[torch.Tensor],
-                  kv_position_ids: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-                  cu_seqlens_k: Optional[torch.Tensor], causal: bool, softmax_scale: float,
-                  seq_len: Optional[int], rotate_q: bool, rotate_k: bool, head_dim: int,
-                  rotary_dim: int, base: float, original_max: int, max_pos: int, short_factor: list[float],
-                  long_factor: list[float], start_token: int, short_mscale: float, long_mscale: float,
-                  interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, q_rot, k_rot). lse (base-2 log-sum-exp, float32) feeds the kernel backward
-    (the PyTorch path recomputes and returns zeros). q_rot / k_rot: the rotated q / k when rotated,
-    else empty tensors."""
+def _kernel_forward(q, k, v, cfg, plan: _Plan, causal, softmax_scale, rotate_q, rotate_k):
+    """attention_forward, plus the batch rows of a static cache (seqused_k), which the prefill
+    launchers do not read yet: a decode step runs the split-KV kernels, which take the key counts
+    from the device; a longer step runs each batch row as two packed sequences (_Plan.row). Both
+    write into buffers laid out as attention_forward's (the fake implementation's)."""
+    if plan.seqused_k is None:
+        return attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
+    if q.shape[2] <= DECODE_MAX_QUERIES:
+        q_rot, k_rot = rotate_once(q, k, cfg, plan, rotate_q, rotate_k)
+        out, lse = decode_forward(q_rot, k_rot, v, causal, softmax_scale, seqused_k=plan.seqused_k)
+        return out, lse, q_rot if rotate_q else q.new_empty(0), k_rot if rotate_k else q.new_empty(0)
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    q_rot, k_rot = (torch.empty_like(q) if rotate_q else q.new_empty(0)), (torch.empty_like(k) if rotate_k else
+                                                                            q.new_empty(0))
+    for b in range(q.shape[0]):
+        parts = attention_forward(q[b:b + 1], k[b:b + 1], v[b:b + 1], cfg, plan.row(b), causal, softmax_scale,
+                                  rotate_q, rotate_k)
+        for whole, part in zip((out, lse, q_rot, k_rot), parts):
+            if whole.numel():
+                whole[b:b + 1].copy_(part)
+    return out, lse, q_rot, k_rot
+
+
+def _kernel_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan: _Plan, causal, softmax_scale,
+                     rotate_q, rotate_k):
+    """attention_backward; the rows of a static cache one by one, as in _kernel_forward."""
+    if plan.seqused_k is None:
+        return attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal, softmax_scale,
+                                  rotate_q, rotate_k)
+    grads = torch.empty_like(q_rot), torch.empty_like(k_rot), torch.empty_like(v)
+    for b in range(q_rot.shape[0]):
+        row = slice(b, b + 1)
+        parts = attention_backward(grad_out[row], q_rot[row], k_rot[row], v[row], out[row], lse[row],
+                                   None if grad_k_rot is None else grad_k_rot[row], cfg, plan.row(b), causal,
+                                   softmax_scale, rotate_q, rotate_k)
+        for whole, part in zip(grads, parts):
+            whole[row].copy_(part)
+    return grads
+
+
+def attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: Optional[torch.Tensor],
+                   kv_position_ids: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                   cu_seqlens_k: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+                   seq_len: Optional[int], rotate_q: bool, rotate_k: bool, head_dim: int,
+                   rotary_dim: int, base: float, original_max: int, max_pos: int, short_factor: list[float],
+                   long_factor: list[float], start_token: int, short_mscale: float, long_mscale: float,
+                   interleaved: bool, use_long: Optional[torch.Tensor] = None,
+                   seqused_k: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward custom op's implementation. Returns (out, lse, q_rot, k_rot): out in q's layout;
+    lse (base-2 log-sum-exp, float32, (B, Hq, Sq)) feeds the kernel backward (the PyTorch path
+    recomputes and returns zeros); q_rot / k_rot the rotated q / k in their layouts, or empty
+    tensors when not rotated. Reads no tensor value on the host."""
     cfg = config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
                            start_token, short_mscale, long_mscale, interleaved)
-    plan = _Plan(cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len)
+    plan = _Plan(cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len, use_long,
+                 seqused_k, rotate_k)
     if use_kernel(q):
-        return attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
+        return _kernel_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
     out, q_rot, k_rot = torch_attention(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
     return (out, q.new_zeros(q.shape[:-1], dtype=torch.float32), q_rot if rotate_q else q.new_empty(0),
             k_rot if rotate_k else q.new_empty(0))
 
 
+_attention_op = torch.library.custom_op("longrope_triton::fused_rope_attention", attention_impl, mutates_args=())
+
+
 @_attention_op.register_fake
 def _(q, k, v, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, seq_len,
-      rotate_q, rotate_k, *rope):
-    return (q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32),
+      rotate_q, rotate_k, *rope, **optional):
+    # Layouts as the implementations give them (out and the rotated tensors like q and k): a
+    # compiled graph (inductor) relies on them.
+    return (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32),
             torch.empty_like(q) if rotate_q else q.new_empty(0),
             torch.empty_like(k) if rotate_k else q.new_empty(0))
 
 
-@torch.library.custom_op("longrope_triton::fused_rope_attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, grad_k_rot: Optional[torch.Tensor],
-                           position_ids: Optional[torch.Tensor], kv_position_ids: Optional[torch.Tensor],
-                           cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                           causal: bool, softmax_scale: float, seq_len: Optional[int], rotate_q: bool,
-                           rotate_k: bool, head_dim: int, rotary_dim: int, base: float,
-                           original_max: int, max_pos: int, short_factor: list[float], long_factor: list[float],
-                           start_token: int, short_mscale: float, long_mscale: float,
-                           interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_backward_impl(grad_out: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, grad_k_rot: Optional[torch.Tensor],
+                            position_ids: Optional[torch.Tensor], kv_position_ids: Optional[torch.Tensor],
+                            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                            causal: bool, softmax_scale: float, seq_len: Optional[int], rotate_q: bool,
+                            rotate_k: bool, head_dim: int, rotary_dim: int, base: float,
+                            original_max: int, max_pos: int, short_factor: list[float], long_factor: list[float],
+                            start_token: int, short_mscale: float, long_mscale: float,
+                            interleaved: bool, use_long: Optional[torch.Tensor] = None,
+                            seqused_k: Optional[torch.Tensor] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward custom op's implementation: (dq, dk, dv) in the layouts of q, k, v."""
     cfg = config_from_args(head_dim, rotary_dim, base, original_max, max_pos, short_factor, long_factor,
                            start_token, short_mscale, long_mscale, interleaved)
-    plan = _Plan(cfg, q_rot, k_rot, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len)
+    plan = _Plan(cfg, q_rot, k_rot, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len, use_long,
+                 seqused_k, rotate_k)
     if use_kernel(q_rot):
-        return attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal,
-                                  softmax_scale, rotate_q, rotate_k)
+        return _kernel_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal, softmax_scale,
+                                rotate_q, rotate_k)
     return torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg, plan, causal, softmax_scale,
                                     rotate_q, rotate_k)
 
 
+_attention_backward_op = torch.library.custom_op("longrope_triton::fused_rope_attention_backward",
+                                                 attention_backward_impl, mutates_args=())
+
+
 @_attention_backward_op.register_fake
-def _(grad_out, q_rot, k_rot, v, *args):
+def _(grad_out, q_rot, k_rot, v, *args, **kwargs):
     return torch.empty_like(q_rot), torch.empty_like(k_rot), torch.empty_like(v)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, *rest = inputs
+    q, k, v, position_ids, kv_position_ids, cu_q, cu_k = inputs[:7]
+    ctx.rest, (use_long, seqused_k) = inputs[7:-2], inputs[-2:]  # rest: causal, softmax_scale, seq_len, ...
+    rotate_q, rotate_k = ctx.rest[3], ctx.rest[4]
     out, lse, q_rot, k_rot = output
-    rotate_q, rotate_k = rest[7], rest[8]  # after 4 tensors, causal, softmax_scale and seq_len
     # The backward runs on the rotated operands: saving them costs what saving q and k would.
-    ctx.save_for_backward(q_rot if rotate_q else q, k_rot if rotate_k else k, v, out, lse, *rest[:4])
-    ctx.rest = rest[4:]
+    ctx.save_for_backward(q_rot if rotate_q else q, k_rot if rotate_k else k, v, out, lse, position_ids,
+                          kv_position_ids, cu_q, cu_k, use_long, seqused_k)
 
 
 def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot, grad_k_rot):
-    q_rot, k_rot, v, out, lse, *tensors = ctx.saved_tensors
-    rotate_k = ctx.rest[4]  # ctx.rest: causal, softmax_scale, seq_len, rotate_q, rotate_k, ...
+    q_rot, k_rot, v, out, lse, *tensors, use_long, seqused_k = ctx.saved_tensors
+    rotate_k = ctx.rest[4]
     grad_k_rot = grad_k_rot if rotate_k and grad_k_rot is not None and grad_k_rot.numel() else None
     dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q_rot, k_rot, v, out, lse, grad_k_rot, *tensors,
-                                        *ctx.rest)
-    return (dq, dk, dv) + (None,) * (4 + len(ctx.rest))
+                                        *ctx.rest, use_long=use_long, seqused_k=seqused_k)
+    return (dq, dk, dv) + (None,) * (4 + len(ctx.rest) + 2)
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 # ---------------------------------------------------------------------------- public functions
-def _check_cu_seqlens(name: str, cu, total: int, device) -> Optional[torch.Tensor]:
-    if cu is None:
-        return None
-    if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
-        raise TypeError(f"{name} must be a 1-D int32/int64 tensor")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but the tensors are on {device}")
-    if len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed length {total}")
-    return cu
-
-
 def fused_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LongRoPEConfig,
                          position_ids: Optional[torch.Tensor] = None,
                          kv_position_ids: Optional[torch.Tensor] = None, causal: bool = True,
                          softmax_scale: Optional[float] = None, seq_len: Optional[int] = None, *,
                          cu_seqlens: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+                         use_long: Optional[torch.Tensor] = None, seqused_k: Optional[torch.Tensor] = None,
                          k_is_rotated: bool = False, return_rotated_k: bool = False):
     """Attention over LongRoPE-rotated q and k, with the rotation fused into the tiled kernel.
 
@@ -443,16 +640,27 @@ def fused_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg:
         kv_position_ids: int (Sk,) or (batch, Sk); default arange(Sk).
         causal: bottom-right aligned causal mask (query i sees keys j <= i + Sk - Sq), as flash-attn.
         softmax_scale: default 1 / sqrt(head_dim).
-        seq_len: the length that picks short vs long factors; default max(position ids) + 1.
+        seq_len: the length that picks short vs long factors; default max(position ids) + 1 over the
+            batch (the positions of the tensors rotated here), computed on the device.
         cu_seqlens: packed sequences (flash-attn convention): batch must be 1 and ``cu_seqlens``
-            (n_seqs + 1,) the sequence starts; positions restart per sequence and each sequence
-            picks its own regime from its own length. ``cu_seqlens_k`` overrides it for k/v.
-        k_is_rotated: k is already rotated (a KV cache); only q is rotated.
+            (n_seqs + 1,) int32/int64 the sequence starts (empty sequences allowed anywhere); positions
+            restart per sequence and each sequence picks its own regime from its own length.
+            ``cu_seqlens_k`` overrides it for k/v.
+        use_long: bool (batch,) -- (n_seqs,) with cu_seqlens -- True where a sequence runs the long
+            factors: the caller's regime (a serving engine decides it from a request's whole prompt,
+            not from one chunk's positions), instead of seq_len and the positions.
+        seqused_k: int (batch,): only the first seqused_k[b] keys of row b are attended, and causal
+            alignment is bottom-right against them (a static KV cache whose filled length lives on the
+            device: no host sync, CUDA-graph friendly). Not with cu_seqlens.
+        k_is_rotated: k is already rotated (a KV cache); only q is rotated, and only q's positions
+            pick the regime (the cache's keys were rotated in theirs).
         return_rotated_k: also return the rotated keys (to store in a cache).
 
     Returns:
         out (batch, q_heads, Sq, head_dim) in q's dtype; ``(out, k_rot)`` with return_rotated_k.
-        Differentiable in q, k and v.
+        Differentiable in q, k and v. Nothing after the input checks reads a tensor value on the
+        host: under torch.compile / torch.export / CUDA-graph capture the value checks are device
+        asserts, and ``LONGROPE_TRITON_EAGER_CHECKS=0`` skips them in eager mode (docs/compile.md).
 
     Example:
         >>> cfg = LongRoPEConfig(head_dim=64, original_max_position_embeddings=4096,
@@ -465,35 +673,61 @@ def fused_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg:
         check_heads(name, t, cfg)
     check_same("q, k and v", q, k, v)
     check_gqa(q.shape[1], k.shape[1])
+    batch, sq, sk = q.shape[0], q.shape[2], k.shape[2]
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must share batch, heads and seq, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must share the batch size, got {q.shape[0]} and {k.shape[0]}")
+    if batch != k.shape[0]:
+        raise ValueError(f"q and k must share the batch size, got {batch} and {k.shape[0]}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
-            or not math.isfinite(softmax_scale):
+            or not (torch.compiler.is_compiling() or math.isfinite(softmax_scale)):  # traced: maybe a symbolic float
         raise TypeError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
-    if k_is_rotated and k.shape[2] < q.shape[2]:
-        raise ValueError(f"k_is_rotated: the KV cache holds {k.shape[2]} keys, fewer than the {q.shape[2]} queries "
+    if k_is_rotated and sk < sq:
+        raise ValueError(f"k_is_rotated: the KV cache holds {sk} keys, fewer than the {sq} queries "
                          f"(a cache includes the step's own tokens)")
     if k_is_rotated and return_rotated_k:
         raise ValueError("return_rotated_k needs raw keys, but k_is_rotated says k is already rotated")
-    cu_seqlens_q = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[2], q.device)
-    cu_seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens,
-                                     k.shape[2], q.device)
-    if cu_seqlens_q is None and cu_seqlens_k is not None:
+    cu_q = check_cu_seqlens("cu_seqlens", cu_seqlens, q.device)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device) if cu_seqlens_k is not None else cu_q
+    if cu_q is None and cu_k is not None:
         raise ValueError("cu_seqlens_k needs cu_seqlens for the queries")
-    if cu_seqlens_q is not None:
-        if q.shape[0] != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need batch 1, got {q.shape[0]}")
-        if len(cu_seqlens_q) != len(cu_seqlens_k):
+    if cu_q is not None:
+        if batch != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) need batch 1, got {batch}")
+        if cu_q.shape[0] != cu_k.shape[0]:
             raise ValueError("cu_seqlens and cu_seqlens_k must describe the same number of sequences")
-    position_ids = check_positions("position_ids", position_ids, q.shape[0], q.shape[2], q.device)
-    kv_position_ids = check_positions("kv_position_ids", kv_position_ids, k.shape[0], k.shape[2], q.device)
+        if seqused_k is not None:
+            raise ValueError("seqused_k is for batched rows; packed sequences give their key counts in cu_seqlens_k")
+    position_ids = check_positions("position_ids", position_ids, batch, sq, q.device)
+    kv_position_ids = check_positions("kv_position_ids", kv_position_ids, batch, sk, q.device)
     seq_len = check_seq_len(seq_len)
-    out, _, _, k_rot = _attention_op(q, k, v, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, causal,
-                                     float(softmax_scale), seq_len, True, not k_is_rotated, **rope_args(cfg))
+    n = batch if cu_q is None else cu_q.shape[0] - 1
+    use_long = check_use_long(use_long, ((n,),), "one per packed sequence" if cu_q is not None
+                              else "one per batch row", q.device)
+    seqused_k = check_seqused_k(seqused_k, batch, q.device)
+    # Values: each checked once, here (device asserts under tracing; nothing with eager checks off).
+    if cu_q is not None:
+        check_cu_seqlens_values("cu_seqlens", cu_q, sq)
+        if cu_k is not cu_q or sk != sq:
+            check_cu_seqlens_values("cu_seqlens_k", cu_k, sk)
+            check_packed_lengths(cu_q, cu_k)
+    if seqused_k is not None:
+        check_seqused_k_values(seqused_k, sq if k_is_rotated else 0, sk,
+                               "a cache includes the step's own tokens" if k_is_rotated else "keys in use")
+    for name, pos, rotated in (("position_ids", position_ids, True), ("kv_position_ids", kv_position_ids,
+                                                                        not k_is_rotated)):
+        if pos is not None and rotated:
+            check_position_values(name, pos, cfg.max_position_embeddings)
+    if cu_q is None and (position_ids is None or (kv_position_ids is None and not k_is_rotated)):
+        check_default_positions(sk, cfg.max_position_embeddings)
+    elif cu_q is not None and (position_ids is None or kv_position_ids is None):
+        # per-sequence arange: a sequence's keys end at its last position + 1
+        check_position_values("packed sequence positions", (cu_k[1:] - cu_k[:-1]).clamp(min=1) - 1,
+                              cfg.max_position_embeddings)
+    out, _, _, k_rot = _attention_op(q, k, v, position_ids, kv_position_ids, cu_q, cu_k, causal,
+                                     float(softmax_scale), seq_len, True, not k_is_rotated, **rope_args(cfg),
+                                     use_long=use_long, seqused_k=seqused_k)
     return (out, k_rot) if return_rotated_k else out

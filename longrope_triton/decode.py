@@ -48,7 +48,7 @@ def split_plan(programs_per_split: int, seq_k: int, device: torch.device, block_
 
 
 def decode_forward(q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                   num_splits: Optional[int] = None):
+                   num_splits: Optional[int] = None, seqused_k: Optional[torch.Tensor] = None):
     """Attention of a few rotated queries over a rotated cache, split along the cache.
 
     Args:
@@ -56,6 +56,9 @@ def decode_forward(q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, ca
         k_rot, v: (batch, kv_heads, Sk, head_dim), the rotated cache; q_heads % kv_heads == 0.
         causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq).
         num_splits: override the split count chosen from the cache length and the SM count.
+        seqused_k: int32 (batch,): row b attends only its first seqused_k[b] keys, with causal
+            alignment bottom-right against them (a static cache: Sk is its capacity). Read by the
+            kernel on the device: the launch (grid, splits, arguments) depends on shapes alone.
 
     Returns:
         (out in q's layout and dtype, lse float32 (batch, q_heads, Sq), base 2 of the scaled scores).
@@ -72,9 +75,10 @@ def decode_forward(q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, ca
     lse_part = torch.empty((batch, n_hq, sq, n_splits), dtype=torch.float32, device=q_rot.device)
     _dispatch.launch(
         "attention decode", attention_decode_split_kernel, (n_splits, batch, n_hk * n_chunks),
-        (q_rot, k_rot, v, o_part, lse_part, softmax_scale * 1.4426950408889634, sq, sk, head_dim, group, split_len,
-         n_chunks, *q_rot.stride(), *k_rot.stride(), *v.stride(), *o_part.stride(), *lse_part.stride()),
-        dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
+        (q_rot, k_rot, v, o_part, lse_part, lse_part if seqused_k is None else seqused_k,
+         softmax_scale * 1.4426950408889634, sq, sk, head_dim, group, split_len, n_chunks,
+         *q_rot.stride(), *k_rot.stride(), *v.stride(), *o_part.stride(), *lse_part.stride()),
+        dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_USED=seqused_k is not None,
              DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32", num_warps=4, num_stages=stages))
     out = torch.empty_like(q_rot)
     lse = torch.empty((batch, n_hq, sq), dtype=torch.float32, device=q_rot.device)

@@ -8,9 +8,14 @@ against a stand-in driver for the target, so Triton derives the same specializat
 time (16-byte-aligned pointers, strides divisible by 16, unit strides as constants), for every
 tile config the autotuner may choose for that launch.
 
-Run: ``python scripts/compile_check.py [--arch 90] [--dtypes bf16,fp16] [--json out.json]``; exits 1
-when a variant fails to compile, exceeds the shared memory of a block, or (default-path variants)
-spills. tests/test_compile_budget.py runs it for bf16 and fp16 in CI.
+Every compiled launch is also disassembled and its loops counted (scripts/sass_report.py):
+instructions per kFLOP of MMA work in the steady-state loop, MMA kinds, local loads/stores.
+
+Run: ``python scripts/compile_check.py [--arch 90] [--dtypes bf16,fp16] [--json out.json]
+[--sass sass.json]``; exits 1 when a variant breaks the rules of sass_report.problems (compile
+error, shared memory over a block, spill, local memory in a loop, mma.sync where budgeted) or a
+steady-state loop is over the instruction budget (sass_report.budget_problems).
+tests/test_compile_budget.py runs it for bf16 and fp16 in CI.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from triton.runtime import driver  # noqa: E402
 from longrope_triton import _dispatch, attention, rotary  # noqa: E402
 from longrope_triton.config import LongRoPEConfig  # noqa: E402
 
-SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_report  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -72,11 +79,12 @@ class Variant:
     varlen: bool
     interleaved: bool = False
     seq_q: int = 256  # 1: a decode step (the split-KV kernels)
+    tma: bool = True  # loops load through TMA tensor descriptors (sm_90 with a layout that allows it)
 
     @property
     def default_path(self) -> bool:
-        """Held to zero spills: every half-precision variant (head_dim 256 included, whose tiles
-        the launcher restricts to spill-free ones); fp32 inputs are reported, not budgeted."""
+        """Held to the resource rules (problems): every half-precision variant; fp32 inputs are
+        reported, not budgeted."""
         return self.dtype in ("bf16", "fp16")
 
 
@@ -98,14 +106,14 @@ def record_launches(variant: Variant, seq_k: int = 256):
     cu = torch.tensor([0, 100, seq_k], dtype=torch.int32) if variant.varlen else None
     plan = attention._Plan(cfg, q, k, None, None, cu, cu, None)
     scale = variant.head_dim ** -0.5
-    saved = _dispatch.launch
-    _dispatch.launch = record
+    saved = _dispatch.launch, _dispatch.tma_enabled
+    _dispatch.launch, _dispatch.tma_enabled = record, lambda device: variant.tma
     try:
         out, lse, q_rot, k_rot = attention.attention_forward(q, k, v, cfg, plan, variant.causal, scale, True, True)
         attention.attention_backward(torch.zeros_like(out), q_rot, k_rot, v, out, lse, None, cfg, plan,
                                      variant.causal, scale, True, True)
     finally:
-        _dispatch.launch = saved
+        _dispatch.launch, _dispatch.tma_enabled = saved
     return calls
 
 
@@ -132,11 +140,14 @@ def resource_usage(cubin: bytes):
 
 
 def compile_launch(kernel, args, meta, config, arch):
-    """shared bytes, registers and spill bytes of one launch compiled for sm_<arch>."""
+    """(shared bytes, registers, spill bytes, cubin) of one launch compiled for sm_<arch>."""
     driver.set_active(TargetDriver(arch))
+    if config.pre_hook:  # descriptor block shapes of this config, as the autotuner sets them
+        config.pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **config.kwargs})
     compiled = kernel.warmup(*args, grid=(1,), **meta, **config.kwargs, num_warps=config.num_warps,
                              num_stages=config.num_stages, **_dispatch.LAUNCH_OPTIONS)
-    return (compiled.metadata.shared,) + resource_usage(compiled.asm["cubin"])
+    cubin = compiled.asm["cubin"]
+    return (compiled.metadata.shared,) + resource_usage(cubin) + (cubin,)
 
 
 SHAPES = [(64, 64), (80, 80), (96, 96), (128, 128), (128, 96), (256, 256)]  # (head_dim, rotary_dim)
@@ -144,25 +155,30 @@ SHAPES = [(64, 64), (80, 80), (96, 96), (128, 128), (128, 96), (256, 256)]  # (h
 
 def variants(dtypes):
     """Every variant a user can reach in these dtypes: head_dims 64-256 (partial rotary included),
-    causal or not, packed (varlen) or not, one interleaved config, and decode steps (Sq = 1)."""
-    for dtype, (d, r), causal, varlen in itertools.product(dtypes, SHAPES, (True, False), (False, True)):
-        yield Variant(dtype, d, r, causal, varlen)
+    causal or not, packed (varlen) or not, TMA or pointer loads, one interleaved config, and decode
+    steps (Sq = 1)."""
+    for dtype, (d, r), causal, varlen, tma in itertools.product(dtypes, SHAPES, (True, False), (False, True),
+                                                                 (True, False)):
+        yield Variant(dtype, d, r, causal, varlen, tma=tma)
     yield Variant(dtypes[0], 128, 128, True, False, interleaved=True)
     for dtype, d, causal in itertools.product(dtypes, (64, 128, 256), (True, False)):
         yield Variant(dtype, d, d, causal, False, seq_q=1)
 
 
 def jobs_of(variant_list):
-    """Unique compilations with the variants each covers: the attention kernels depend on head_dim
-    only through BLOCK_D (head_dim is a runtime argument), and not on rotary_dim or the pair layout."""
+    """Unique compilations with the variants each covers ([head_dim, causal, packed]): the attention
+    kernels depend on head_dim only through BLOCK_D (head_dim is a runtime argument), not on rotary_dim
+    or the pair layout, and on causal masks and packing not at all (they are row ranges, data).
+    ``rank`` is the config's place in the launch's list (0: the one LONGROPE_TRITON_PIN_TILES=1 runs)."""
     seen = {}
     for variant in variant_list:
         for name, kernel, tuned, args, meta in record_launches(variant):
             meta = dict(meta)
-            for config in tile_configs(tuned, args, meta):
+            for rank, config in enumerate(tile_configs(tuned, args, meta)):
                 key = (name, variant.dtype, tuple(sorted(meta.items())), str(config.kwargs), config.num_warps,
                        config.num_stages)
-                seen.setdefault(key, (name, kernel, args, meta, config, variant, set()))[-1].add(variant.head_dim)
+                seen.setdefault(key, (name, kernel, args, meta, config, rank, variant, set()))[-1].add(
+                    (variant.head_dim, variant.causal, variant.varlen))
     return list(seen.values())
 
 
@@ -170,32 +186,29 @@ _JOBS: list = []  # set before the worker processes fork: kernels and tensors ar
 
 
 def run_job(index: int, arch: int):
-    name, kernel, args, meta, config, variant, head_dims = _JOBS[index]
-    record = dict(kernel=name, dtype=variant.dtype, head_dims=sorted(head_dims), rotary_dim=None,
+    name, kernel, args, meta, config, rank, variant, covers = _JOBS[index]
+    record = dict(kernel=name, dtype=variant.dtype, head_dims=sorted({c[0] for c in covers}),
+                  covers=sorted(covers), rotary_dim=None,
                   **{k.lower(): v for k, v in meta.items() if k.isupper() and k != "ROTARY_DIM"},
                   **{k.lower(): v for k, v in config.kwargs.items()}, warps=config.num_warps,
-                  stages=config.num_stages, default_path=variant.default_path)
+                  stages=config.num_stages, rank=rank, default_path=variant.default_path)
     if "ROTARY_DIM" in meta:  # the forward and the rotary kernel; the backward does not depend on it
         record["rotary_dim"] = meta["ROTARY_DIM"]
     try:
-        record["shared"], record["registers"], record["spill_bytes"] = compile_launch(kernel, args, meta, config,
-                                                                                      arch)
+        record["shared"], record["registers"], record["spill_bytes"], cubin = compile_launch(kernel, args, meta,
+                                                                                             config, arch)
+        record["sass"] = sass_report.analyze(cubin, config.num_warps)
     except Exception as exc:  # noqa: BLE001 - report every failing variant, then exit non-zero
         record["error"] = str(exc).strip().splitlines()[-1][:300]
     return record
 
 
-def problems(record, arch) -> list[str]:
-    """Why a record fails the budget (empty when it passes)."""
-    if "error" in record:
-        return [f"does not compile: {record['error']}"]
-    out = []
-    limit = SHARED_LIMIT.get(arch, 101376)
-    if record["shared"] > limit:
-        out.append(f"shared memory {record['shared']} B > {limit} B")
-    if record["default_path"] and record["spill_bytes"] > 0:
-        out.append(f"spills {record['spill_bytes']} B/thread")
-    return out
+def summary(record):
+    """The record without the per-loop counts (those go to --sass)."""
+    sass = record.get("sass")
+    if sass is None:
+        return record
+    return {**record, "sass": {k: v for k, v in sass.items() if k != "loops"}}
 
 
 def new_variants_across_lengths(lengths=(1000, 256, 77), arch: int = 90) -> dict:
@@ -208,9 +221,7 @@ def new_variants_across_lengths(lengths=(1000, 256, 77), arch: int = 90) -> dict
         for name, kernel, tuned, args, meta in record_launches(Variant("bf16", 128, 128, True, False, seq_q=length),
                                                                seq_k=length):
             meta = dict(meta)
-            config = tile_configs(tuned, args, meta)[0]
-            kernel.warmup(*args, grid=(1,), **meta, **config.kwargs, num_warps=config.num_warps,
-                          num_stages=config.num_stages, **_dispatch.LAUNCH_OPTIONS)
+            compile_launch(kernel, args, meta, tile_configs(tuned, args, meta)[0], arch)
             counts[name] = sum(len(cache[0]) for cache in kernel.device_caches.values())
         first = first or dict(counts)
     return {name: counts[name] - first[name] for name in counts}
@@ -221,7 +232,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32",
                         help="comma-separated; the budget (no spills) holds for bf16 and fp16, fp32 is reported")
-    parser.add_argument("--json", help="write every record here")
+    parser.add_argument("--json", help="write every record here (the steady-state loop of each, not every loop)")
+    parser.add_argument("--sass", help="write every record with every loop's SASS counts here")
+    parser.add_argument("--head-dims", help="comma-separated subset of the head_dims compiled (default: all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--lengths", action="store_true",
                         help="only check that calls differing in sequence length compile no new kernel")
@@ -230,26 +243,34 @@ def main(argv=None) -> int:
         extra = new_variants_across_lengths(arch=args.arch)
         print(json.dumps(extra))
         return 0 if not any(extra.values()) else 1
-    _JOBS[:] = jobs_of(variants(args.dtypes.split(",")))
+    dims = None if args.head_dims is None else {int(d) for d in args.head_dims.split(",")}
+    _JOBS[:] = jobs_of(v for v in variants(args.dtypes.split(",")) if dims is None or v.head_dim in dims)
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         records = list(pool.map(run_job, range(len(_JOBS)), itertools.repeat(args.arch)))
     failures = 0
     for r in records:
-        why = problems(r, args.arch)
+        why = sass_report.problems(r, args.arch)
         failures += bool(why)
         tile = f"M{r.get('block_m', '-')} N{r.get('block_n', '-')}"
         dims = "/".join(map(str, r["head_dims"]))
         print(f"{'FAIL' if why else 'ok  '} {r['kernel']:30s} {r['dtype']} d{dims} r{r['rotary_dim']} {tile} "
-              f"w{r['warps']} s{r['stages']} causal={r.get('causal', '-')} varlen={r.get('is_varlen', '-')} "
+              f"w{r['warps']} s{r['stages']} tma={r.get('use_tma', '-')} "
               f"shared={r.get('shared')} regs={r.get('registers')} "
-              f"spill={r.get('spill_bytes')} {'; '.join(why)}", flush=True)
-    print(f"{len(records) - failures}/{len(records)} variants within budget for sm_{args.arch} "
-          f"(triton {triton.__version__})")
+              f"spill={r.get('spill_bytes')} inst/kFLOP={sass_report.steady_figure(r)} {'; '.join(why)}", flush=True)
+    over = sass_report.budget_problems(records)
+    for line in over:
+        print(f"FAIL {line}", flush=True)
+    print(f"{len(records) - failures}/{len(records)} variants within the resource rules, {len(over)} steady-state "
+          f"loops over the instruction budget, for sm_{args.arch} (triton {triton.__version__})")
+    header = {"arch": args.arch, "triton": triton.__version__, "estimate": sass_report.ESTIMATE}
+    if args.sass:  # one record a line: large, but each line reads (and diffs) on its own
+        with open(args.sass, "w") as f:
+            f.write(json.dumps(header)[:-1] + ', "records": [\n' + ",\n".join(map(json.dumps, records)) + "\n]}\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "triton": triton.__version__, "records": records}, f, indent=1)
-    return 1 if failures else 0
+            json.dump({**header, "records": [summary(r) for r in records]}, f, indent=1)
+    return 1 if failures or over else 0
 
 
 if __name__ == "__main__":

@@ -73,9 +73,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("b,hq,hk,sq,sk,d,r,causal,interleaved,extra", CASES)
-def test_forward_backward_matches_reference(path, dtype, b, hq, hk, sq, sk, d, r, causal, interleaved, extra):
+def check_case(dtype, b, hq, hk, sq, sk, d, r, causal, interleaved, extra):
+    """Output and all gradients of one CASES entry against float64 (inputs unchanged)."""
     cfg = make_cfg(d, r, original=extra.get("original", 64), maximum=extra.get("maximum", 4096),
                    interleaved=interleaved)
     q, k, v = make_qkv(b, hq, hk, sq, sk, d, dtype, bshd=True)
@@ -95,6 +94,31 @@ def test_forward_backward_matches_reference(path, dtype, b, hq, hk, sq, sk, d, r
                            (q, k, v), grad_out) if dtype != torch.float32 else reference
     assert ours[0].dtype == dtype and ours[1].shape == q.shape and ours[2].shape == k.shape
     assert_close_to_reference(ours, reference, eager, dtype)
+
+
+@pytest.fixture(params=["tma", "pointers"])
+def loads(request, monkeypatch):
+    """The kernels' two load paths: TMA tensor descriptors where the layout allows them (what the
+    interpreter runs by default, as sm_90 does) and pointer loads (LONGROPE_TRITON_TMA=0, and every
+    layout TMA cannot describe). Kernel-path tests only."""
+    if not INTERPRETED:
+        pytest.skip("the Triton kernel runs on CPU only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("LONGROPE_TRITON_TMA", "1" if request.param == "tma" else "0")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hk,sq,sk,d,r,causal,interleaved,extra", CASES)
+def test_forward_backward_matches_reference(path, dtype, b, hq, hk, sq, sk, d, r, causal, interleaved, extra):
+    check_case(dtype, b, hq, hk, sq, sk, d, r, causal, interleaved, extra)
+
+
+@pytest.mark.parametrize("loads", ["pointers"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hk,sq,sk,d,r,causal,interleaved,extra", CASES)
+def test_pointer_loads_match_reference(loads, dtype, b, hq, hk, sq, sk, d, r, causal, interleaved, extra):
+    """The same cases on the kernels' pointer loads (the test above runs their TMA descriptors)."""
+    check_case(dtype, b, hq, hk, sq, sk, d, r, causal, interleaved, extra)
 
 
 def test_regime_and_start_token_change_the_result(path):
@@ -146,6 +170,76 @@ def test_varlen_mixed_regimes(path, dtype):
     alone = fused_rope_attention(q0, k0, v0, cfg)
     assert (alone.double() - ours[0][:, :, 31:100].double()).abs().max() <= 2 * (
         eager[0][:, :, 31:100].double() - reference[0][:, :, 31:100]).abs().max() + 2e-5
+
+
+# Packed batches as the Hugging Face packing path builds them: as many sequences as tokens, most of
+# them empty (leading, inner and trailing), several shorter than a tile (the interpreter's tiles are
+# 32 rows), one longer, and per sequence fewer queries than keys (a chunk after its cache).
+PACKED_Q = [0, 0, 3, 3, 20, 21, 21, 70, 70, 75] + [75] * 6
+PACKED_K = [0, 2, 7, 7, 40, 41, 43, 100, 101, 109] + [109] * 6
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_packed_many_empty_and_short_sequences(monkeypatch, loads, dtype, causal):
+    """Run as a traced or captured call runs (no value read on the host, eager checks off): the grid
+    and every loop bound come from shapes and device-side row ranges."""
+    monkeypatch.setenv("LONGROPE_TRITON_EAGER_CHECKS", "0")
+    cfg = make_cfg(original=40)
+    cu_q, cu_k = torch.tensor(PACKED_Q), torch.tensor(PACKED_K)
+    q, k, v = make_qkv(1, 4, 2, PACKED_Q[-1], PACKED_K[-1], 64, dtype)
+    grad_out = torch.randn(1, 4, PACKED_Q[-1], 64, dtype=dtype)
+    kwargs = {"causal": causal}
+    ours = run_with_grads(lambda *x: fused_rope_attention(*x, cfg, cu_seqlens=cu_q, cu_seqlens_k=cu_k, **kwargs),
+                          (q, k, v), grad_out)
+    reference = run_with_grads(lambda *x: varlen_attention_reference(*x, cfg, cu_q, cu_k, **kwargs),
+                               [t.double() for t in (q, k, v)], grad_out.double())
+    eager = run_with_grads(lambda *x: varlen_attention_reference(*x, cfg, cu_q, cu_k, dtype=dtype, **kwargs),
+                           (q, k, v), grad_out) if dtype != torch.float32 else reference
+    assert_close_to_reference(ours, reference, eager, dtype)
+    assert torch.isfinite(ours[0]).all() and all(torch.isfinite(g).all() for g in ours[1:])
+
+
+def test_visible_ranges_match_the_masks():
+    """The launcher's per-row key ranges and per-key query ranges are the causal / packed masks, and
+    non-decreasing (the kernels read a tile's bounds at its first and last row)."""
+    from types import SimpleNamespace
+
+    from longrope_triton.attention import _key_ranges, _query_ranges
+    cu_q, cu_k = torch.tensor(PACKED_Q, dtype=torch.int32), torch.tensor(PACKED_K, dtype=torch.int32)
+    sq, sk = PACKED_Q[-1], PACKED_K[-1]
+    seq = lambda cu, n: torch.searchsorted(cu[1:], torch.arange(n, dtype=cu.dtype), right=True)  # noqa: E731
+    packed = SimpleNamespace(varlen=True, cu_q=cu_q, cu_k=cu_k, seq_q=seq(cu_q, sq), seq_k=seq(cu_k, sk))
+    plans = [(packed, sq, sk, cu_q.tolist(), cu_k.tolist()), (SimpleNamespace(varlen=False), 50, 33, [0, 50], [0, 33]),
+             (SimpleNamespace(varlen=False), 20, 45, [0, 20], [0, 45])]
+    for plan, sq, sk, bq, bk in plans:
+        for causal in (True, False):
+            mask = torch.zeros(sq, sk, dtype=torch.bool)
+            for b in range(len(bq) - 1):
+                len_q, len_k = bq[b + 1] - bq[b], bk[b + 1] - bk[b]
+                for i in range(len_q):
+                    last = len_k if not causal else min(len_k, len_k - len_q + i + 1)
+                    mask[bq[b] + i, bk[b]:bk[b] + max(last, 0)] = True
+            lo, hi = _query_ranges(plan, causal, sq, sk, "cpu")
+            cols = torch.arange(sk)
+            assert torch.equal((cols >= lo[:, None]) & (cols < hi[:, None]), mask)
+            lo, hi = _key_ranges(plan, causal, sq, sk, "cpu")
+            rows = torch.arange(sq)
+            assert torch.equal(((rows >= lo[:, None]) & (rows < hi[:, None])).T, mask)
+            for lo_hi in (*_query_ranges(plan, causal, sq, sk, "cpu"), lo, hi):
+                assert (lo_hi[1:] >= lo_hi[:-1]).all()
+
+
+@pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])
+def test_nonpositive_softmax_scale(loads, scale):
+    """The kernels take the row max before scaling; a negative scale runs as the positive one on -k."""
+    cfg = make_cfg(original=32)
+    q, k, v = make_qkv(1, 4, 2, 45, 45, 64, torch.float32)
+    grad_out = torch.randn(1, 4, 45, 64)
+    ours = run_with_grads(lambda *x: fused_rope_attention(*x, cfg, softmax_scale=scale), (q, k, v), grad_out)
+    reference = run_with_grads(lambda *x: fused_rope_attention_reference(*x, cfg, softmax_scale=scale),
+                               [t.double() for t in (q, k, v)], grad_out.double())
+    assert_close_to_reference(ours, reference, reference, torch.float32)
 
 
 def test_cache_paths_match_full_attention(path):
@@ -312,7 +406,8 @@ def test_pinned_tiles_take_the_first_tile_of_the_list(monkeypatch):
     """LONGROPE_TRITON_PIN_TILES=1: no autotuning, the same kernel in every process."""
     from longrope_triton import attention
 
-    named = {"p_q": torch.empty(1, 2, 8, 128, dtype=torch.bfloat16)}
+    rows = torch.empty(1, 2, 8, 128, dtype=torch.bfloat16)
+    named = {"p_q": rows, "p_k": rows}  # the pruning reads the dtype from whichever stays a pointer
     for tuned in (attention._fwd_tuned, attention._dkdv_tuned, attention._dq_tuned):
         full = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128)
         monkeypatch.setenv("LONGROPE_TRITON_PIN_TILES", "1")

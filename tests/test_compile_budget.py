@@ -1,9 +1,18 @@
-"""The register budget as a test: every attention kernel variant the launcher can pick compiles for
-sm_90 (H100/H200) with no register spill and within the shared memory of a block.
+"""The sm_90 budget as a test, read from what a launch compiles (no GPU needed).
 
-scripts/compile_check.py compiles what a launch compiles (the launch's own specialization, every
-tile config the autotuner may choose) for bf16 and fp16, head_dim 64-256, causal or not, packed
-or not; it needs only Triton's bundled ptxas/cuobjdump, no GPU. The figures are in docs/kernels.md.
+scripts/compile_check.py compiles every kernel variant the launchers can pick for sm_90 (H100/H200)
+with the launch's own specialization, for bf16 and fp16, head_dim 64-256, causal or not, packed or
+not, on both load paths (TMA descriptors and pointers), every tile config of the lists, and
+disassembles each (scripts/sass_report.py). The rules (docs/kernels.md, issue 18):
+
+- every variant compiles within the shared memory of a block;
+- forward, dK/dV and dQ: the steady-state loop issues at most the anchor's instructions per kFLOP
+  of MMA work (per warp) for the pinned config (LONGROPE_TRITON_PIN_TILES=1: the first of each list)
+  and the best one, every other listed config within 1.25x; wgmma only (no mma.sync) for head_dim
+  64-128; no local loads or stores inside any loop (one known exception: pointer_dkdv_128, kept
+  as a strict xfail); at most 256 B/thread of spill;
+- head_dim 256, the rotary, preprocess and decode kernels: no spill at all (the decode loops are
+  reported, not budgeted: their small tiles may use mma.sync).
 """
 
 import json
@@ -17,6 +26,8 @@ import triton
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+sys.path.insert(0, str(ROOT / "scripts"))
+from sass_report import ATTENTION, budget_problems, problems  # noqa: E402 - the rules, one place
 
 
 @pytest.fixture(scope="module")
@@ -33,31 +44,70 @@ def records(tmp_path_factory):
     return json.loads(out.read_text())["records"], proc
 
 
-def test_every_default_variant_compiles_without_spills(records):
+def describe(r) -> str:
+    if "error" in r:
+        return f"{r['kernel']} {r['dtype']} d{r['head_dims']}"
+    steady = r["sass"]["steady_state"] or {}
+    return (f"{r['kernel']} {r['dtype']} d{'/'.join(map(str, r['head_dims']))} tma={r.get('use_tma')} "
+            f"M{r.get('block_m')} N{r.get('block_n')} w{r['warps']} s{r['stages']} (rank {r['rank']}): "
+            f"spill {r['spill_bytes']} B, {steady.get('inst_per_kflop')} inst/kFLOP")
+
+
+def pointer_dkdv_128(r) -> bool:
+    """The one known exception to "no local memory inside a loop": the dK/dV kernel on pointer loads
+    at BLOCK_D 128 needs one register more than sm_90 has, and ptxas reloads a loop bound from local
+    memory once per iteration (64-80 B/thread of spill, within the allowance). The TMA path, which
+    sm_90 takes for every layout TMA can describe, has none (docs/kernels.md)."""
+    return r["kernel"] == "attention backward dK/dV" and r.get("block_d") == 128 and r.get("use_tma") is False
+
+
+def test_every_variant_within_the_resource_rules(records):
+    """Compiles, fits a block's shared memory; spill within the allowance and never inside a loop;
+    wgmma only where budgeted (sass_report.problems)."""
     recs, proc = records
-    bad = [r for r in recs if "error" in r or r["shared"] > 232448 or r["spill_bytes"] > 0]
-    assert not bad, "variants over budget:\n" + "\n".join(json.dumps(r) for r in bad) + "\n" + proc.stdout[-2000:]
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    bad = [f"{describe(r)}: {'; '.join(why)}" for r in recs
+           for why in [[p for p in problems(r, 90) if not (pointer_dkdv_128(r) and "inside loops" in p)]] if why]
+    assert not bad, "\n".join(bad) + "\n" + proc.stdout[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="pointer-load dK/dV at BLOCK_D 128 reloads a loop bound from local "
+                                       "memory in its loops (pointer_dkdv_128)")
+def test_pointer_dkdv_128_keeps_local_memory_out_of_loops(records):
+    recs, _ = records
+    bad = [describe(r) for r in recs if pointer_dkdv_128(r) and r["sass"]["loop_ldl_stl"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_steady_state_loops_within_the_instruction_budget(records):
+    """Per kernel, dtype, head_dim class and load path: the pinned and the best config at or below the
+    budget, every other listed config within 1.25x of it (sass_report.budget_problems)."""
+    recs, _ = records
+    groups = {(r["kernel"], r["dtype"], r["block_d"], r["use_tma"]) for r in recs
+              if r["kernel"] in ATTENTION and r["block_d"] <= 128}
+    assert len(groups) == 3 * 2 * 2 * 2, sorted(groups)  # kernels x dtypes x BLOCK_D 64, 128 x load paths
+    over = budget_problems(recs)
+    assert not over, "\n".join(over)
 
 
 def test_the_budget_covers_what_the_issue_names(records):
-    """Every kernel, both half-precision dtypes, head_dim 64/80/96/128/256, causal and not, varlen."""
+    """Every kernel, both half-precision dtypes, head_dim 64/80/96/128/256, causal and not, packed and
+    not, both load paths; the decode kernels' loops reported."""
     recs, _ = records
-    kernels = {"attention forward", "attention backward dK/dV", "attention backward dQ"}
-    for kernel in kernels:
+    for kernel in ATTENTION:
         for dtype in ("bf16", "fp16"):
             mine = [r for r in recs if r["kernel"] == kernel and r["dtype"] == dtype]
-            dims = set().union(*(r["head_dims"] for r in mine))
-            assert {64, 80, 96, 128, 256} <= dims, (kernel, dtype, dims)
-            assert {r["causal"] for r in mine} == {True, False}
-            assert {r["is_varlen"] for r in mine} == {True, False}
+            covers = {tuple(c) for r in mine for c in r["covers"]}  # (head_dim, causal, packed)
+            assert {(d, c, p) for d in (64, 80, 96, 128, 256) for c in (True, False) for p in (True, False)} <= covers
+            assert {r["use_tma"] for r in mine} == {True, False}, (kernel, dtype)
     assert any(r["kernel"] == "rotary" for r in recs)
     for kernel in ("attention decode", "attention decode merge"):
         assert {r["dtype"] for r in recs if r["kernel"] == kernel} == {"bf16", "fp16"}, kernel
+    assert all(r["sass"]["steady_state"] for r in recs if r["kernel"] == "attention decode")
 
 
 def test_a_new_sequence_length_compiles_no_new_kernel():
-    """Autotune keys and specialization exclude lengths (and the LSE strides that follow them)."""
+    """Autotune keys and specialization exclude lengths (and the strides and descriptor shapes that
+    follow them)."""
     if not (TOOLS / "ptxas").exists():
         pytest.skip("Triton's bundled ptxas is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

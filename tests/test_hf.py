@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
 
 import longrope_triton.hf as hf  # noqa: E402
+import longrope_triton.hf.forward as hf_forward  # noqa: E402
 from longrope_triton import LongRoPEConfig, patch_model, set_rope, unpatch_model  # noqa: E402
 
 ORIG, MAX_POS, HEAD_DIM = 32, 128, 16
@@ -47,13 +48,13 @@ def _torch_path_and_quiet(monkeypatch):
 def fused_calls(monkeypatch):
     """Records (q length, k length, cu_seqlens) of every fused_rope_attention call the patch makes."""
     calls = []
-    real = hf.fused_rope_attention
+    real = hf_forward.fused_rope_attention
 
     def counting(q, k, v, *args, **kwargs):
         calls.append((q.shape[2], k.shape[2], kwargs.get("cu_seqlens")))
         return real(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "fused_rope_attention", counting)
+    monkeypatch.setattr(hf_forward, "fused_rope_attention", counting)
     return calls
 
 
@@ -103,7 +104,12 @@ def test_logits_match_stock(family, seq, fused_calls):
         out = model(ids, use_cache=False).logits
         kept = model(ids, use_cache=False, logits_to_keep=5).logits
         cached = model(ids).logits  # use_cache=True: rotated keys go through a DynamicCache
-    assert fused_calls and all(c[2] is None for c in fused_calls), "the fused path was not taken"
+    # Without a cache, the rows go through the packed path, one document per row (no restart in the
+    # positions the model made); with a cache, each row attends its cached keys.
+    assert fused_calls, "the fused path was not taken"
+    for q_len, _, cu in fused_calls:
+        assert cu is None or (q_len == 2 * seq and cu[:3].tolist() == [0, seq, 2 * seq]
+                              and bool((cu[3:] == 2 * seq).all())), cu
     assert (out - stock).abs().max() <= TOL, f"max err {(out - stock).abs().max():.3e}"
     assert kept.shape == (2, 5, 100) and (kept - stock[:, -5:]).abs().max() <= TOL
     assert (cached - stock).abs().max() <= TOL
@@ -204,7 +210,9 @@ def test_packed_documents_match_separate_runs(path, fused_calls):
     logits = model(packed, position_ids=position_ids, use_cache=False).logits
     sum(doc_loss(lg, d) for lg, d in zip(torch.split(logits, lengths, 1), docs)).backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert fused_calls and fused_calls[0][2].tolist() == [0, 10, 50, 64]
+    # one sequence per document; as many sequences as tokens (a host-known bound), the others empty
+    cu = fused_calls[0][2]
+    assert cu[:4].tolist() == [0, 10, 50, 64] and len(cu) == 65 and bool((cu[4:] == 64).all())
 
     model.zero_grad()
     separate = [model(d, use_cache=False).logits for d in docs]
