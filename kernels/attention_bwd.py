@@ -48,40 +48,49 @@ def attention_bwd_preprocess_kernel(p_out, p_do, p_lse, p_ld, SEQ, HEAD_DIM,
 
 
 @triton.jit
-def load_lse_delta(p_ld, row, start, SEQ, BLOCK: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """(lse, delta) of rows [start, start + BLOCK) of a head, the first of them row `row` of the
-    interleaved buffer p_ld; rows past SEQ read 0, tested only with MASK_ROWS (full tiles lie inside)."""
-    o_2 = row * 2 + tl.arange(0, 2 * BLOCK)
+def load_lse_delta(p_ld, o_2, end, BLOCK: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """(lse, delta) of BLOCK consecutive rows of the interleaved buffer p_ld, whose 2 * BLOCK values are
+    at the offsets o_2; values at or past offset `end` (the end of the head's rows) read 0, tested only
+    with MASK_ROWS (full tiles lie inside)."""
     if MASK_ROWS:
-        b_ld = tl.load(p_ld + o_2, mask=start * 2 + tl.arange(0, 2 * BLOCK) < 2 * SEQ, other=0.0)
+        b_ld = tl.load(p_ld + o_2, mask=o_2 < end, other=0.0)
     else:
         b_ld = tl.load(p_ld + o_2)
     return tl.split(tl.reshape(b_ld, [BLOCK, 2]))
 
 
 @triton.jit
-def _dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_ld, i_b, i_h0, GROUP, qk_scale, p_lo, p_hi, o_n, m_n, m_lo, m_hi,
-               SEQ_Q, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d,
+def _dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_ld, ld_row, i_b, i_h0, GROUP, qk_scale, p_lo, p_hi, o_n, m_n, m_lo,
+               m_hi, SEQ_Q, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d,
                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                USE_TMA: tl.constexpr, INT64: tl.constexpr):
     """Accumulate dK (rotated space, before the softmax scale) and dV of one K tile over the Q tiles
     [m_lo, m_hi) of every query head i_h0 + g of its GQA group; MASKED tiles test each key's query
-    range. p_q, p_do, p_ld are at head i_h0 (head_base).
+    range. p_q, p_do are at head i_h0 (head_base); ld_row is head i_h0's first row in p_ld.
 
     One loop over (head, Q tile) pairs, not a head loop around a tile loop: the load pipeline runs
     on from one head to the next, and nothing stays live across an outer loop (at head_dim 128 the
     dK and dV accumulators alone take half of the registers). Works on transposed scores
     [BLOCK_N, BLOCK_M], as the Triton tutorial does: P^T and dS^T are then the left operands of
-    their dots and never need a register transpose."""
+    their dots and never need a register transpose.
+
+    At head_dim 128 this loop holds every register sm_90 has (the accumulators, S^T/dP^T, P^T and
+    the 16 (lse, delta) columns of each thread); on pointer loads, with the next tiles' addresses on
+    top, one value more makes ptxas reload it from local memory in every iteration. So the loop keeps
+    nothing it can do without: it counts up to a constant bound (no trip count held for the pipeline's
+    last-iteration test), and p_ld stays the kernel argument (uniform registers) with the head offset
+    folded once into each thread's (lse, delta) offsets o_ld."""
     if MASKED:
         b_lo, b_hi = row_ranges(p_lo, p_hi, o_n, m_n)
+    o_ld = ld_row * 2 + tl.arange(0, 2 * BLOCK_M)
     start_m = m_lo
     i_g = 0
-    for _ in range(0, tl.maximum(tl.cdiv(m_hi - m_lo, BLOCK_M), 0) * GROUP):
+    for _ in range(-tl.maximum(tl.cdiv(m_hi - m_lo, BLOCK_M), 0) * GROUP, 0):
         i_gw = widen(i_g, INT64)
         b_q = load_tile(head_base(p_q, 0, i_gw, 0, stride_qh, USE_TMA), i_b, i_h0 + i_gw, start_m, SEQ_Q, stride_qs,
                         stride_qd, o_d, m_d, BLOCK_M, BLOCK_D, MASKED, USE_TMA, INT64)
-        b_lse, b_delta = load_lse_delta(p_ld, i_gw * SEQ_Q + start_m, start_m, SEQ_Q, BLOCK_M, MASKED)
+        b_lse, b_delta = load_lse_delta(p_ld, (i_gw * SEQ_Q + start_m) * 2 + o_ld, (ld_row + (i_gw + 1) * SEQ_Q) * 2,
+                                        BLOCK_M, MASKED)
         b_pT = tl.math.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
         if MASKED:  # also zero for the rows past the tensor (their range is empty)
             b_pT = tl.where(in_range(start_m + tl.arange(0, BLOCK_M), b_lo, b_hi), b_pT, 0.0)
@@ -122,7 +131,6 @@ def attention_bwd_dkdv_kernel(
     m_n = o_n < SEQ_K
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
-    bounds = tile_ranges(p_lo, p_hi, i_n * BLOCK_N, tl.minimum(i_n * BLOCK_N + BLOCK_N, SEQ_K) - 1, BLOCK_M)
     b_k = load_tile(p_k + i_b * stride_kb + i_hk * stride_kh, i_b, i_hk, i_n * BLOCK_N, SEQ_K, stride_ks, stride_kd,
                     o_d, m_d, BLOCK_N, BLOCK_D, True, False, INT64)
     b_v = load_tile(p_v + i_b * stride_vb + i_hk * stride_vh, i_b, i_hk, i_n * BLOCK_N, SEQ_K, stride_vs, stride_vd,
@@ -130,15 +138,16 @@ def attention_bwd_dkdv_kernel(
     i_h0 = i_hk * GROUP
     p_qg = head_base(p_q, i_b, i_h0, stride_qb, stride_qh, USE_TMA)
     p_dog = head_base(p_do, i_b, i_h0, stride_dob, stride_doh, USE_TMA)
-    p_ldg = p_ld + (i_b * N_HQ + i_h0) * SEQ_Q * 2
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i in tl.static_range(3):  # masked, full, masked
-        b_dk, b_dv = _dkdv_loop(b_dk, b_dv, b_k, b_v, p_qg, p_dog, p_ldg, i_b, i_h0, GROUP, qk_scale, p_lo, p_hi, o_n,
-                                m_n, bounds[i], bounds[i + 1], SEQ_Q, stride_qh, stride_qs, stride_qd, stride_doh,
-                                stride_dos, stride_dod, o_d, m_d, i != 1, BLOCK_M, BLOCK_D, DOT_PRECISION, USE_TMA,
-                                INT64)
+        # Each loop's bounds are read just before it, so none is held through the loops before it.
+        bounds = tile_ranges(p_lo, p_hi, i_n * BLOCK_N, tl.minimum(i_n * BLOCK_N + BLOCK_N, SEQ_K) - 1, BLOCK_M)
+        b_dk, b_dv = _dkdv_loop(b_dk, b_dv, b_k, b_v, p_qg, p_dog, p_ld, (i_b * N_HQ + i_h0) * SEQ_Q, i_b, i_h0, GROUP,
+                                qk_scale, p_lo, p_hi, o_n, m_n, bounds[i], bounds[i + 1], SEQ_Q, stride_qh, stride_qs,
+                                stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d, i != 1, BLOCK_M, BLOCK_D,
+                                DOT_PRECISION, USE_TMA, INT64)
     o_nw = widen(o_n, INT64)
     store_block(p_dk + i_b * stride_dkb + i_hk * stride_dkh, b_dk * grad_scale, o_nw, m_n, stride_dks, stride_dkd,
                 o_d, m_d)
@@ -200,8 +209,9 @@ def attention_bwd_dq_kernel(
     b_do = load_tile(p_do + i_b * stride_dob + i_h * stride_doh, i_b, i_h, i_m * BLOCK_M, SEQ_Q, stride_dos,
                      stride_dod, o_d, m_d, BLOCK_M, BLOCK_D, True, False, INT64)
     # Rows past the tensor read lse = 0, not +inf: their p is finite, their dq is never stored.
-    b_lse, b_delta = load_lse_delta(p_ld, (i_b * N_HQ + i_h) * SEQ_Q + i_m * BLOCK_M, i_m * BLOCK_M, SEQ_Q, BLOCK_M,
-                                    True)
+    ld_row = (i_b * N_HQ + i_h) * SEQ_Q  # the head's first row in p_ld
+    b_lse, b_delta = load_lse_delta(p_ld, (ld_row + i_m * BLOCK_M) * 2 + tl.arange(0, 2 * BLOCK_M),
+                                    (ld_row + SEQ_Q) * 2, BLOCK_M, True)
     p_kh = head_base(p_k, i_b, i_hk, stride_kb, stride_kh, USE_TMA)
     p_vh = head_base(p_v, i_b, i_hk, stride_vb, stride_vh, USE_TMA)
 

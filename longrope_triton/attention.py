@@ -286,9 +286,9 @@ def torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg: LongRoP
 # row: BLOCK_D x element size); the first of each list is what LONGROPE_TRITON_PIN_TILES=1 runs.
 # For fp16/bf16 every tile compiles for sm_90 on both load paths within an H100 block's shared
 # memory; up to head_dim 128 they run wgmma only, spill at most 256 B/thread and never inside a
-# loop (one documented exception: dK/dV on pointer loads at head_dim 80-128) and keep their
-# steady-state loop within the instruction budget; head_dim 256's are spill-free (its dK/dV on
-# mma.sync). tests/test_compile_budget.py holds them to it (scripts/sass_report.py, docs/kernels.md).
+# loop, and keep their steady-state loop within the instruction budget; head_dim 256's are
+# spill-free (its dK/dV on mma.sync). tests/test_compile_budget.py holds them to it
+# (scripts/sass_report.py, docs/kernels.md).
 _TILES = {
     "fwd": {128: [(128, 128, 8, 3), (128, 64, 8, 3)],
             256: [(128, 128, 8, 2), (128, 64, 8, 2)],
@@ -303,6 +303,10 @@ _TILES = {
            512: [(64, 32, 4, 2)],
            1024: [(16, 32, 4, 2)]},
 }
+# Where the pointer load path (no TMA) takes its own list. dK/dV at head_dim 80-128: M64 N64 w4
+# computes each Q and dO tile's addresses over half the threads (8 loads each, twice the address
+# registers of w8) and reloads values from local memory in its loops, so pointers keep one tile.
+_POINTER_TILES = {"dkdv": {256: [(64, 128, 8, 2)]}}
 
 
 def row_class(block_d: int, element_size: int) -> int:
@@ -310,34 +314,39 @@ def row_class(block_d: int, element_size: int) -> int:
     return max(128, min(1024, block_d * element_size))
 
 
-def _autotuned(kernel, tiles, descriptors):
-    """The kernel autotuned over its tiles; launch-time pruning keeps those of the row class. Before
-    each config runs, its pre_hook sets the block shape of the TensorDescriptor arguments:
-    ``descriptors`` maps each such argument to the meta-parameter that counts its rows."""
+def _autotuned(kernel, tiles, descriptors, pointer_tiles=None):
+    """The kernel autotuned over its tiles; launch-time pruning keeps those of the row class and load
+    path (``pointer_tiles``: the row classes whose pointer-path list differs). Before each config
+    runs, its pre_hook sets the block shape of the TensorDescriptor arguments: ``descriptors`` maps
+    each such argument to the meta-parameter that counts its rows."""
     def block_shapes(nargs):
         for name, rows in descriptors.items():
             if _dispatch.is_descriptor(nargs[name]):
                 nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
-    configs = {cls: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=block_shapes)
-                     for m, n, w, s in t] for cls, t in tiles.items()}
+    def configs(lists):
+        return {cls: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=block_shapes)
+                      for m, n, w, s in t] for cls, t in lists.items()}
 
+    shared, pointers = configs(tiles), configs(pointer_tiles or {})
+    by_path = {True: shared, False: {**shared, **pointers}}  # keyed by USE_TMA
     operand = "p_k" if "p_q" in descriptors else "p_q"  # an input that stays a pointer: it has the dtype
 
     def keep_row_class(all_configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        tiles = configs[row_class(args["BLOCK_D"], args[operand].element_size())]
+        tiles = by_path[bool(args["USE_TMA"])][row_class(args["BLOCK_D"], args[operand].element_size())]
         return tiles[:1] if _dispatch.pinned_tiles() else tiles
 
     # Keys are constexpr dims and flags only (sequence lengths are not specialized either, and the
     # causal mask and packing are data: row ranges), so a new length or mask never retunes or
     # recompiles; the dtype is part of Triton's own key (from the inputs that stay pointers).
-    return triton.autotune([c for cs in configs.values() for c in cs], key=["BLOCK_D", "USE_TMA"],
+    return triton.autotune([c for cs in (*shared.values(), *pointers.values()) for c in cs], key=["BLOCK_D", "USE_TMA"],
                            prune_configs_by={"early_config_prune": keep_row_class})(kernel)
 
 
 _fwd_tuned = _autotuned(attention_fwd_kernel, _TILES["fwd"], {"p_k": "BLOCK_N", "p_v": "BLOCK_N"})
-_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"], {"p_q": "BLOCK_M", "p_do": "BLOCK_M"})
+_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"], {"p_q": "BLOCK_M", "p_do": "BLOCK_M"},
+                         _POINTER_TILES["dkdv"])
 _dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"], {"p_k": "BLOCK_N", "p_v": "BLOCK_N"})
 # The interpreter cannot time configs: it runs one fixed tile, small enough to exercise edges.
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}

@@ -409,11 +409,13 @@ def test_pinned_tiles_take_the_first_tile_of_the_list(monkeypatch):
     rows = torch.empty(1, 2, 8, 128, dtype=torch.bfloat16)
     named = {"p_q": rows, "p_k": rows}  # the pruning reads the dtype from whichever stays a pointer
     for tuned in (attention._fwd_tuned, attention._dkdv_tuned, attention._dq_tuned):
-        full = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128)
-        monkeypatch.setenv("LONGROPE_TRITON_PIN_TILES", "1")
-        pinned = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128)
-        monkeypatch.delenv("LONGROPE_TRITON_PIN_TILES")
-        assert len(full) > 1 and pinned == full[:1]
+        for use_tma in (True, False):
+            full = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128, USE_TMA=use_tma)
+            monkeypatch.setenv("LONGROPE_TRITON_PIN_TILES", "1")
+            pinned = tuned.early_config_prune(tuned.configs, named, BLOCK_D=128, USE_TMA=use_tma)
+            monkeypatch.delenv("LONGROPE_TRITON_PIN_TILES")
+            assert full and pinned == full[:1]
+            assert len(full) > 1 or not use_tma  # pointer loads may keep one tile (attention._POINTER_TILES)
 
 
 def test_gradient_through_the_returned_rotated_keys(path):

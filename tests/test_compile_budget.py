@@ -9,8 +9,7 @@ disassembles each (scripts/sass_report.py). The rules (docs/kernels.md, issue 18
 - forward, dK/dV and dQ: the steady-state loop issues at most the anchor's instructions per kFLOP
   of MMA work (per warp) for the pinned config (LONGROPE_TRITON_PIN_TILES=1: the first of each list)
   and the best one, every other listed config within 1.25x; wgmma only (no mma.sync) for head_dim
-  64-128; no local loads or stores inside any loop (one known exception: pointer_dkdv_128, kept
-  as a strict xfail); at most 256 B/thread of spill;
+  64-128; no local loads or stores inside any loop; at most 256 B/thread of spill;
 - head_dim 256, the rotary, preprocess and decode kernels: no spill at all (the decode loops are
   reported, not budgeted: their small tiles may use mma.sync).
 """
@@ -53,29 +52,12 @@ def describe(r) -> str:
             f"spill {r['spill_bytes']} B, {steady.get('inst_per_kflop')} inst/kFLOP")
 
 
-def pointer_dkdv_128(r) -> bool:
-    """The one known exception to "no local memory inside a loop": the dK/dV kernel on pointer loads
-    at BLOCK_D 128 needs one register more than sm_90 has, and ptxas reloads a loop bound from local
-    memory once per iteration (64-80 B/thread of spill, within the allowance). The TMA path, which
-    sm_90 takes for every layout TMA can describe, has none (docs/kernels.md)."""
-    return r["kernel"] == "attention backward dK/dV" and r.get("block_d") == 128 and r.get("use_tma") is False
-
-
 def test_every_variant_within_the_resource_rules(records):
     """Compiles, fits a block's shared memory; spill within the allowance and never inside a loop;
     wgmma only where budgeted (sass_report.problems)."""
     recs, proc = records
-    bad = [f"{describe(r)}: {'; '.join(why)}" for r in recs
-           for why in [[p for p in problems(r, 90) if not (pointer_dkdv_128(r) and "inside loops" in p)]] if why]
+    bad = [f"{describe(r)}: {'; '.join(why)}" for r in recs for why in [problems(r, 90)] if why]
     assert not bad, "\n".join(bad) + "\n" + proc.stdout[-2000:]
-
-
-@pytest.mark.xfail(strict=True, reason="pointer-load dK/dV at BLOCK_D 128 reloads a loop bound from local "
-                                       "memory in its loops (pointer_dkdv_128)")
-def test_pointer_dkdv_128_keeps_local_memory_out_of_loops(records):
-    recs, _ = records
-    bad = [describe(r) for r in recs if pointer_dkdv_128(r) and r["sass"]["loop_ldl_stl"]]
-    assert not bad, "\n".join(bad)
 
 
 def test_steady_state_loops_within_the_instruction_budget(records):
