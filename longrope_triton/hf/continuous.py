@@ -103,14 +103,16 @@ class _Batching:
         return (request.status == RequestStatus.DECODING and not self.admit(request)
                 and request.position_offset + len(request.tokens_to_process) > self.original_max)
 
-    def admission_error(self, prompt: int, max_new_tokens: Optional[int]) -> Optional[str]:
-        """Why a request cannot run (its prompt plus max_new_tokens past max_position_embeddings), or None.
-        Without a token limit it needs room for one token; past the positions it fails when it gets there."""
-        limit = self.state.cfg.max_position_embeddings
-        if prompt + (1 if max_new_tokens is None else max_new_tokens) <= limit:
-            return None
-        return (f"the prompt ({prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceed max_position_embeddings "
-                f"({limit}) of this LongRoPE model")
+
+
+def admission_error(cfg, prompt: int, max_new_tokens: Optional[int]) -> Optional[str]:
+    """Why a request cannot run under ``cfg`` (its prompt plus max_new_tokens past max_position_embeddings),
+    or None. Without a token limit it needs room for one token; past the positions it fails when it gets there."""
+    limit = cfg.max_position_embeddings
+    if prompt + (1 if max_new_tokens is None else max_new_tokens) <= limit:
+        return None
+    return (f"the prompt ({prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceed max_position_embeddings "
+            f"({limit}) of this LongRoPE model")
 
 
 # ---------------------------------------------------------------------------- the scheduler
@@ -300,7 +302,7 @@ def _hook_manager(manager, batching: _Batching) -> None:
     @functools.wraps(add_request)
     def checked_add_request(input_ids, request_id=None, max_new_tokens=None, *args, **kwargs):
         limit = manager.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        error = batching.admission_error(len(input_ids), limit)
+        error = admission_error(batching.state.cfg, len(input_ids), limit)
         if error is None:
             return add_request(input_ids, request_id, max_new_tokens, *args, **kwargs)
         if not getattr(delivering, "on", False) or request_id is None:
