@@ -1,11 +1,13 @@
 """Continuous batching throughput: stock transformers vs the patched model (per-request regimes).
 
-One workload, two providers, the same tiny longrope Llama (2 layers, hidden 64, head_dim 16,
+One workload, three providers, the same tiny longrope Llama (2 layers, hidden 64, head_dim 16,
 original_max_position_embeddings 64, fp32, sdpa), greedy:
 
 - ``stock``: ``model.generate_batch`` on the unpatched model (one regime per packed batch);
 - ``patched``: the same after ``patch_model`` (each request in its own regime, the crossing
-  re-prefills, regime-keyed block sharing), on the PyTorch path.
+  re-prefills, regime-keyed block sharing), on the PyTorch path;
+- ``patched_one_at_a_time``: the patched model's ``generate()``, one request after the other (what
+  ``longrope-triton serve`` runs without ``--continuous-batching``): the baseline batching beats.
 
 Workload: 16 requests with prompts of 20-120 tokens (half past the switch, a quarter crossing it
 while decoding) and 32 new tokens each, all submitted at once. Reported per provider: wall time
@@ -72,31 +74,41 @@ def cb_config():
                                     **{"page_size" if "page_size" in fields else "block_size": 16})
 
 
-def run(model, requests: list, reps: int) -> dict:
-    """Warm-up, then ``reps`` timed generate_batch runs; the last run's outputs and its forward count."""
-    forwards = []
-    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    times, outputs = [], None
-    try:
-        for rep in range(reps + 1):
-            forwards.clear()
-            start = time.perf_counter()
-            outputs = model.generate_batch(requests, continuous_batching_config=cb_config(), progress_bar=False)
-            if rep:
-                times.append(time.perf_counter() - start)
-    finally:
-        hook.remove()
-    generated = sum(len(o.generated_tokens) for o in outputs.values())
-    wall = statistics.median(times)
-    return {"wall_s": round(wall, 4), "wall_s_all": [round(t, 4) for t in times], "generated_tokens": generated,
-            "tokens_per_s": round(generated / wall, 1), "forward_steps": len(forwards),
-            "tokens": [o.generated_tokens for o in outputs.values()]}
+def batched(model, requests: list) -> list:
+    """Every request's generated tokens, through continuous batching."""
+    outputs = model.generate_batch(requests, continuous_batching_config=cb_config(), progress_bar=False)
+    return [o.generated_tokens for o in outputs.values()]
+
+
+def one_at_a_time(model, requests: list) -> list:
+    return [alone(model, ids) for ids in requests]
 
 
 def alone(model, ids: list) -> list:
     out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
                          eos_token_id=None)
     return out[0, len(ids):].tolist()
+
+
+def run(generate, model, requests: list, reps: int) -> dict:
+    """Warm-up, then ``reps`` timed runs of ``generate(model, requests)``; the last run's tokens and
+    forward count."""
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    times, tokens = [], None
+    try:
+        for rep in range(reps + 1):
+            forwards.clear()
+            start = time.perf_counter()
+            tokens = generate(model, requests)
+            if rep:
+                times.append(time.perf_counter() - start)
+    finally:
+        hook.remove()
+    generated = sum(len(t) for t in tokens)
+    wall = statistics.median(times)
+    return {"wall_s": round(wall, 4), "wall_s_all": [round(t, 4) for t in times], "generated_tokens": generated,
+            "tokens_per_s": round(generated / wall, 1), "forward_steps": len(forwards), "tokens": tokens}
 
 
 def main(argv=None) -> dict:
@@ -114,11 +126,12 @@ def main(argv=None) -> dict:
     patched = patch_model(copy.deepcopy(stock))
     references = [alone(patched, ids) for ids in requests]
     results = {}
-    for name, model in (("stock", stock), ("patched", patched)):
-        result = run(model, requests, args.reps)
+    for name, generate, model in (("stock", batched, stock), ("patched", batched, patched),
+                                  ("patched_one_at_a_time", one_at_a_time, patched)):
+        result = run(generate, model, requests, args.reps)
         result["equal_to_alone"] = sum(t == r for t, r in zip(result.pop("tokens"), references))
         results[name] = result
-        print(f"{name:8s} {result['generated_tokens']} tokens in {result['wall_s']:.2f} s: "
+        print(f"{name:22s} {result['generated_tokens']} tokens in {result['wall_s']:.2f} s: "
               f"{result['tokens_per_s']:.0f} tok/s, {result['forward_steps']} steps, "
               f"{result['equal_to_alone']}/{len(requests)} requests equal their runs alone")
     meta = provenance("cpu")
@@ -130,7 +143,9 @@ def main(argv=None) -> dict:
                          "long_prompts": sum(n > ORIG for n in PROMPTS), "threads": args.threads,
                          "paged_cache": "128 blocks of 16 tokens, 512 batch tokens"},
             "results": results,
-            "patched_over_stock": round(results["patched"]["tokens_per_s"] / results["stock"]["tokens_per_s"], 3)}
+            "patched_over_stock": round(results["patched"]["tokens_per_s"] / results["stock"]["tokens_per_s"], 3),
+            "patched_over_one_at_a_time": round(results["patched"]["tokens_per_s"]
+                                                / results["patched_one_at_a_time"]["tokens_per_s"], 3)}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serving-{device_slug(meta)}-{datetime.date.today().isoformat()}.json"
