@@ -9,8 +9,8 @@ original_max_position_embeddings 64, fp32, sdpa), greedy:
 - ``patched_one_at_a_time``: the patched model's ``generate()``, one request after the other (what
   ``longrope-triton serve`` runs without ``--continuous-batching``): the baseline batching beats.
 
-Workload: 16 requests with prompts of 20-120 tokens (half past the switch, a quarter crossing it
-while decoding) and 32 new tokens each, all submitted at once. Reported per provider: wall time
+Workload: 16 requests with prompts of 20-120 tokens (6 past the switch, 6 crossing it while
+decoding) and 32 new tokens each, all submitted at once. Reported per provider: wall time
 (median of --reps runs after one warm-up run), generated tokens per second, forward steps, and how
 many requests equal the same request run alone through the patched generate() (the semantics the
 patched batching promises; stock batching mixes regimes).

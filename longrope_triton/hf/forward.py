@@ -20,6 +20,9 @@ Paths (all exact up to float rounding):
   dropout, output_attentions): the same rotation by apply_rotary, then the model's own
   attention function with its mask.
 
+- **paged**: a continuous-batching step (paged.py): every packed request in the regime its
+  scheduler decided (continuous.py), fused or through the model's own attention function.
+
 No path reads a tensor value on the host, so a patched model compiles with
 ``torch.compile(fullgraph=True)``, exports with ``torch.export`` and can be captured in a CUDA
 graph. What eager mode may learn by reading (``_validation.host_reads_allowed``: eager value
