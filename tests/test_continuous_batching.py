@@ -199,8 +199,9 @@ def test_manager_requests_added_while_others_decode(steps):
     manager.start()
     try:
         first = manager.add_request(plan[0][0], max_new_tokens=plan[0][1], streaming=True)
-        streamed = {first: []}
+        streamed, deadline = {first: []}, time.time() + 120
         while len(streamed[first]) < 3:
+            assert time.time() < deadline and manager.is_running(), "A never streamed its first tokens"
             result = manager.get_result(request_id=first, timeout=5)
             if result is not None:
                 streamed[first].append(result.generated_tokens[:])
