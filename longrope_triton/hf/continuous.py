@@ -61,7 +61,7 @@ _OLDEST, _NEWEST = (5, 5), (5, 25)
 
 _LONG_ATTR = "_longrope_long"  # on a RequestState: its regime, request metadata fixed at admission
 _STRIKES_ATTR = "_longrope_strikes"  # on a RequestState: failed steps it shared since it last ran alone
-_MAX_STRIKES = 3  # a request in that many failed shared steps (never run alone in between) fails
+_MAX_STRIKES = 3  # a request in more failed shared steps than this (never run alone in between) fails
 _BATCHING_ATTR = "_longrope_batching"  # on a manager: the _Batching whose hooks it carries
 _PREFIX = "longrope_"
 _SCHEDULERS = ("fifo", "prefill_first")
@@ -102,7 +102,6 @@ class _Batching:
 
         return (request.status == RequestStatus.DECODING and not self.admit(request)
                 and request.position_offset + len(request.tokens_to_process) > self.original_max)
-
 
 
 def admission_error(cfg, prompt: int, max_new_tokens: Optional[int]) -> Optional[str]:
@@ -175,18 +174,16 @@ def _batching_of(cache) -> _Batching:
 
 
 @functools.lru_cache(maxsize=None)
-def _scheduler_classes() -> dict:
-    """The regime schedulers, registered in transformers' scheduler table (once, the first time a
-    patched model starts continuous batching: nothing is registered at import)."""
+def _register_schedulers() -> None:
+    """Register the regime schedulers (transformers' FIFO and prefill-first ones with the mixin) in
+    transformers' scheduler table as longrope_<name>: once, the first time a patched model starts
+    continuous batching (nothing is registered at import)."""
     from transformers.generation.continuous_batching import FIFOScheduler, PrefillFirstScheduler
     from transformers.generation.continuous_batching import scheduler as module
 
-    classes = {}
     for name, base in zip(_SCHEDULERS, (FIFOScheduler, PrefillFirstScheduler)):
-        classes[_PREFIX + name] = type(f"LongRoPE{base.__name__}", (_RegimeScheduling, base),
-                                       {"__module__": __name__})
-        module.SCHEDULER_MAPPING.setdefault(_PREFIX + name, classes[_PREFIX + name])
-    return classes
+        scheduler = type(f"LongRoPE{base.__name__}", (_RegimeScheduling, base), {"__module__": __name__})
+        module.SCHEDULER_MAPPING.setdefault(_PREFIX + name, scheduler)
 
 
 def _requeue(scheduler, request, batching: _Batching, strikes: int = 0):
@@ -205,7 +202,6 @@ def _requeue(scheduler, request, batching: _Batching, strikes: int = 0):
         setattr(fresh, _STRIKES_ATTR, strikes)
     scheduler.waiting_requests[rid] = fresh
     scheduler.waiting_requests_order.appendleft(rid)
-    return fresh
 
 
 # ---------------------------------------------------------------------------- block sharing keyed by regime
@@ -248,6 +244,7 @@ def _key_block_sharing(cache, scheduler, batching: _Batching) -> None:
 
 
 def _keyed_sharing_supported() -> bool:
+    """The installed paged cache has the two methods _key_block_sharing wraps."""
     from transformers.generation.continuous_batching import PagedAttentionCache
 
     return (hasattr(PagedAttentionCache, "search_prefix_match")
@@ -421,7 +418,7 @@ def _regime_config(continuous_batching_config, generation_config, deprecated: di
             raise ValueError(f"scheduler_type {kind!r}: a patched LongRoPE model runs one of {list(_SCHEDULERS)} "
                              f"with its per-request regimes")
         config.scheduler_type = _PREFIX + kind
-    _scheduler_classes()
+    _register_schedulers()
     if config.allow_block_sharing and not _keyed_sharing_supported():
         warnings.warn("longrope_triton: this transformers release has no prefix-lookup / block-completion methods to "
                       "key block sharing by regime; block sharing is off", RuntimeWarning, stacklevel=3)
@@ -466,6 +463,7 @@ def install(model, state) -> Optional[Callable[[], None]]:
         if cached is not None and getattr(cached, _BATCHING_ATTR, None) is batching:
             model.destroy_cached_continuous_batching_manager()
         for key in configs:
-            _BATCHING.pop(key, None)
+            if _BATCHING.get(key) is batching:  # a model patched later under the same config keeps its entry
+                del _BATCHING[key]
 
     return uninstall

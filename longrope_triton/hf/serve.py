@@ -28,7 +28,7 @@ import os
 from transformers.cli.serving import model_manager as _model_manager
 
 from .continuous import admission_error
-from .patch import patch_model
+from .patch import _STATE_ATTR, patch_model
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def prepare_for_serving(model):
     max_new_tokens exceeds max_position_embeddings before it runs (as continuous batching does):
     otherwise it would fail only when it reaches that position, after generating all the way there."""
     patch_model(model)
-    cfg = model._longrope_patch.cfg
+    cfg = getattr(model, _STATE_ATTR).cfg
     generate = model.generate
 
     @functools.wraps(generate)
