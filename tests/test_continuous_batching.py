@@ -172,6 +172,36 @@ def test_mixed_regimes_equal_alone(family, steps):
         assert any(q == 1 for r, q, _ in step if r != rid), f"the re-prefill of {rid} ran alone: {step}"
 
 
+@pytest.mark.parametrize("window, path", [pytest.param(262144, "fused", id="window-out-of-reach-fused"),
+                                          pytest.param(40, "fallback", id="window-in-reach-model-attention")])
+def test_sliding_window_layers(window, path, monkeypatch):
+    """Phi-3 with a sliding window (its long-context releases set 262144): the cache's sliding layers
+    run the fused kernel while no key sequence reaches the window, else the model's own attention
+    (transformers' masks over its rolling buffer), each request in its regime either way."""
+    if path == "fallback" and tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 17):
+        pytest.skip("transformers 5.5's own continuous batching differs from its generate() once a window is reached")
+    import longrope_triton.hf.forward as forward
+
+    paths = []
+    paged_attention = forward.paged_attention
+
+    def spy(*args, interface=None, **kwargs):
+        paths.append("fused" if interface is None else "fallback")
+        return paged_attention(*args, interface=interface, **kwargs)
+
+    monkeypatch.setattr(forward, "paged_attention", spy)
+    model = make_model("phi3")
+    model.config.sliding_window = window
+    model = patch_model(model)
+    prompts = [prompt(n, seed) for n, seed in MIX]
+    references = [alone(model, p) for p in prompts]
+    paths.clear()
+    outputs = list(model.generate_batch(prompts, continuous_batching_config=cb_config(), progress_bar=False).values())
+    for (n, _), output, reference in zip(MIX, outputs, references):
+        assert_equal_alone(output, reference, f"prompt {n}, window {window}")
+    assert set(paths) == {path}, set(paths)
+
+
 def test_chunked_prefill_keeps_the_admission_regime(steps):
     """A 100-token prompt split in chunks of at most 40 tokens: its first chunk ends below the switch,
     yet runs the long factors, as the whole prompt does alone."""
