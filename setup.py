@@ -1,5 +1,8 @@
 from setuptools import setup
 
+# What transformers serve needs (`longrope-triton serve`); CI installs them with the test extra.
+SERVE = ["fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "starlette"]
+
 # Why kernels/ has no __init__.py, and longrope_triton/kernels is a symlink to it.
 #
 # transformers >= 5.25 requires the Hugging Face `kernels` distribution and imports it at start-up.
@@ -31,10 +34,15 @@ setup(
     # code tests/test_compile_budget.py budgets: bump it deliberately, with the budgets.
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
-        "hf": ["transformers>=5.5", "safetensors"],
+        # psutil: transformers' continuous batching sizes its paged cache on a CPU from psutil's memory
+        # figures (transformers 5.5 refuses to start without them)
+        "hf": ["transformers>=5.5", "safetensors", "psutil"],
         "demo": ["transformers>=5.5", "safetensors", "gguf", "accelerate", "tqdm", "matplotlib"],
+        # `longrope-triton serve` (transformers serve). The packages themselves, not transformers[serving]:
+        # that extra also pins `kernels`, with which transformers 5.5 fails to import its modeling code.
+        "serve": ["transformers>=5.5", "safetensors", "psutil", *SERVE],
         "test": ["pytest", "pytest-benchmark", "triton==3.9.0", "transformers>=5.5", "safetensors", "gguf",
-                 "accelerate", "tqdm", "matplotlib"],
+                 "accelerate", "tqdm", "matplotlib", *SERVE],
         "bench": ["pytest-benchmark", "matplotlib", "transformers>=5.5"],
     },
     entry_points={"console_scripts": ["longrope-triton=longrope_triton.cli:main"]},

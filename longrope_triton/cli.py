@@ -6,6 +6,7 @@
     longrope-triton passkey --method longrope --lengths 16384
     longrope-triton finetune --factors factors.json --steps 100 --checkpoint ckpt/
     longrope-triton export --factors factors.json --model-dir my-model/ --output extended/
+    longrope-triton serve extended/ --continuous-batching --port 8000
 
 Under ``torchrun --nproc-per-node N -m -- longrope_triton.cli ...`` the work of search, eval,
 passkey and finetune is split over the N ranks (see longrope_triton.parallel, docs/parallel.md).
@@ -30,6 +31,9 @@ examples:
       Perplexity of each method at each length on held-out novels (table + PNG plot).
   longrope-triton passkey --method longrope --lengths 8192,16384 --depths 0.1,0.5,0.9
       Passkey retrieval accuracy by length and depth (table + heat-map PNG).
+  longrope-triton serve extended/ --continuous-batching --port 8000
+      transformers' OpenAI-compatible server (`transformers serve`) with the model patched: each
+      request runs its own short/long regime; any `transformers serve` option follows the model.
   torchrun --nproc-per-node 4 -m -- longrope_triton.cli search --target 16384 --log run.jsonl -o f.json
       The same commands over 4 ranks (one GPU each): candidates, windows, trials or rows split
       (the -- keeps torchrun from reading --log as its own --log-dir).
@@ -209,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help="Hugging Face model directory to update (config.json only)")
     p.add_argument("--model", help="or a model spec ('smollm2') to load and save_pretrained into --output")
     p.add_argument("--output", help="output directory (default: update --model-dir in place)")
+
+    # ------------------------------------------------------------------ serve
+    p = sub.add_parser("serve", help="serve a model with per-request LongRoPE regimes (transformers serve)",
+                       description="Run transformers' OpenAI-compatible server (`transformers serve`) with the model "
+                                   "patched where it loads: each request runs the short or long factors of its own "
+                                   "length, also with --continuous-batching (docs/serving.md). Every option after "
+                                   "MODEL goes to `transformers serve` (see `transformers serve --help`), e.g. --host, "
+                                   "--port, --device, --continuous-batching, --cb-num-blocks. Needs the serving "
+                                   "packages: pip install 'longrope_triton[serve]'.")
+    p.add_argument("model", help="Hugging Face model directory (or hub id) with a LongRoPE config")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="`transformers serve` options")
     return parser
 
 
@@ -256,6 +271,12 @@ def _run(args) -> int:
     elif args.command == "export":
         from .eval.runner import run_export
         run_export(factors=args.factors, model_dir=args.model_dir, model=args.model, output=args.output)
+    elif args.command == "serve":
+        from .hf.serve import missing_packages, serve
+        missing = missing_packages()
+        if missing:
+            raise UsageError(f"serving needs {', '.join(missing)}: pip install 'longrope_triton[serve]'")
+        serve(args.model, args.options)
     return 0
 
 

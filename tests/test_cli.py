@@ -10,7 +10,7 @@ import torch
 
 from longrope_triton.cli import main
 
-SUBCOMMANDS = ("demo", "search", "eval", "passkey", "finetune", "export")
+SUBCOMMANDS = ("demo", "search", "eval", "passkey", "finetune", "export", "serve")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,14 @@ def test_missing_arguments_exit_2(capsys):
         main(["search"])
     assert exc.value.code == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_serve_without_serving_packages(monkeypatch, capsys):
+    """The serve command names the packages it lacks (and the extra that installs them) in one line."""
+    import longrope_triton.hf.serve as serve
+    monkeypatch.setattr(serve, "SERVE_PACKAGES", ("fastapi", "no_such_package_longrope"))
+    code, _, err = run_main(["serve", "some-model", "--port", 8000], capsys)
+    assert_one_line_error(code, err, "no_such_package_longrope", "longrope_triton[serve]")
 
 
 # ---------------------------------------------------------------------------- error paths

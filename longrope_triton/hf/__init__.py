@@ -16,9 +16,16 @@ One module per concern:
   and its decode steps can be captured in CUDA graphs;
 - :mod:`.generation`: generate()'s cache policy at the short/long switch (the re-prefill,
   the one host decision per step, in the generation loop);
-- :mod:`.patch`: patch_model / unpatch_model / set_rope.
+- :mod:`.patch`: patch_model / unpatch_model / set_rope;
+- :mod:`.paged`: the patched forward under transformers' continuous batching (a paged KV cache,
+  each packed request in its own regime);
+- :mod:`.continuous`: continuous batching of a patched model (regime per request at admission,
+  the crossing, regime-keyed block sharing, admission check, failure isolation);
+- :mod:`.serve`: ``longrope-triton serve`` (transformers serve with the model patched where it
+  loads; imported only by that command).
 
-docs/huggingface.md describes the behaviour, docs/compile.md compiling and exporting.
+docs/huggingface.md describes the behaviour, docs/compile.md compiling and exporting,
+docs/serving.md continuous batching and serving.
 transformers is imported lazily (inside functions): importing this package has no side effects.
 """
 

@@ -20,6 +20,9 @@ Paths (all exact up to float rounding):
   dropout, output_attentions): the same rotation by apply_rotary, then the model's own
   attention function with its mask.
 
+- **paged**: a continuous-batching step (paged.py): every packed request in the regime its
+  scheduler decided (continuous.py), fused or through the model's own attention function.
+
 No path reads a tensor value on the host, so a patched model compiles with
 ``torch.compile(fullgraph=True)``, exports with ``torch.export`` and can be captured in a CUDA
 graph. What eager mode may learn by reading (``_validation.host_reads_allowed``: eager value
@@ -40,6 +43,7 @@ from .._validation import host_reads_allowed
 from ..attention import fused_rope_attention
 from ..rotary import apply_rotary
 from .families import _Family
+from .paged import is_paged, keys_in_reach, layer_type, paged_attention
 
 # kwarg the patched base model passes down to every patched attention module (through the
 # decoder layers' **kwargs, so gradient-checkpoint recomputation sees the same decisions)
@@ -186,6 +190,8 @@ def patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None,
         return _context_parallel_forward(self, state, hidden_states, call, kwargs), None
     batch, seq = hidden_states.shape[:2]
     q, k, v = _project(self, family, hidden_states)
+    if is_paged(cache, kwargs):
+        return _paged_forward(self, q, k, v, cfg, family, cache, attention_mask, call, kwargs)
     # regime "long": a length past the switch (a host constant); "auto": decided on the device
     forced = cfg.original_max_position_embeddings + 1 if state.regime == "long" else None
 
@@ -236,6 +242,19 @@ def patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None,
         self, q_rot, k_rot, v, attention_mask, dropout=dropout, scaling=self.scaling,
         sliding_window=window, **kwargs)
     out = out.reshape(batch, seq, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+def _paged_forward(self, q, k, v, cfg, family: _Family, cache, attention_mask, call: _Call, kwargs: dict):
+    """A continuous-batching step (paged.py): the fused path unless the layer's keys are not all in
+    reach (a sliding window the step reaches), the batching's flash decode path writes the cache
+    itself (``block_table``), or attention weights are asked for."""
+    kind = layer_type(self.config, self.layer_idx)
+    fused = (not call.weights and not kwargs.get("output_attentions", False) and kwargs.get("block_table") is None
+             and keys_in_reach(kwargs, kind, getattr(self.config, "sliding_window", None)))
+    out, weights = paged_attention(self, q, k, v, cfg, cache, attention_mask, kwargs,
+                                   interface=None if fused else _attention_interface(self),
+                                   window=_sliding_window(self, family))
     return self.o_proj(out), weights
 
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import _REGIME_MSCALE_KEYS, _REGIME_MSCALE_MODELS, LongRoPEConfig, _hf_rope_dict
+from . import continuous
 from .families import _Family, _check_cfg, _model_rope, _resolve_family
 from .forward import CALL_KWARG, _Call, patched_forward
 from .generation import patched_prepare_inputs
@@ -34,6 +35,7 @@ class _PatchState:
     hooks: list
     prepare: Optional[tuple]  # (previous instance value or None,) when prepare_inputs_for_generation was wrapped
     process_group: Optional[object] = None  # context parallel: the ranks that share each sequence
+    batching: Optional[object] = None  # undoes continuous.install (per-request regimes under continuous batching)
 
 
 _MISSING = object()
@@ -171,6 +173,7 @@ def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str =
 
             original = types.MethodType(GenerationMixin.prepare_inputs_for_generation, model)
         model.prepare_inputs_for_generation = patched_prepare_inputs(state, original)
+    state.batching = continuous.install(model, state)
     setattr(model, _STATE_ATTR, state)
     return model
 
@@ -197,6 +200,8 @@ def unpatch_model(model):
             model.__dict__.pop("prepare_inputs_for_generation", None)
         else:
             model.prepare_inputs_for_generation = state.prepare[0]
+    if state.batching is not None:
+        state.batching()
     delattr(model, _STATE_ATTR)
     return model
 
