@@ -7,8 +7,8 @@ subtraction into one FMA). dQ and dK come out in the rotated space; the launcher
 back with one conjugate pass of the rotary kernel (the rotation is orthogonal up to mscale,
 so its transpose is the rotation by -phi). dK/dV programs own one K tile of one kv head and
 loop over every query head of its GQA group: no atomics, so the backward is deterministic.
-Causal masks and packed sequences are row ranges, tested only in masked tiles
-(kernels/attention_tiles.py). Naming legend in kernels/rotary.py.
+Causal masks, packed sequences and a static cache's key counts are row ranges, tested only in
+masked tiles (kernels/attention_tiles.py). Naming legend in kernels/rotary.py.
 
 Each query row's LSE and delta = rowsum(dO * O) travel together, interleaved in one fp32
 (batch, q_heads, Sq, 2) buffer that the preprocess kernel writes: the dK/dV loop needs both
@@ -60,13 +60,14 @@ def load_lse_delta(p_ld, o_2, end, BLOCK: tl.constexpr, MASK_ROWS: tl.constexpr)
 
 
 @triton.jit
-def _dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_ld, ld_row, i_b, i_h0, GROUP, qk_scale, p_lo, p_hi, o_n, m_n, m_lo,
-               m_hi, SEQ_Q, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d,
+def _dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_ld, ld_row, i_b, i_h0, GROUP, qk_scale, p_lo, p_hi, r_off, o_n, m_n,
+               m_lo, m_hi, SEQ_Q, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d,
                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                USE_TMA: tl.constexpr, INT64: tl.constexpr):
     """Accumulate dK (rotated space, before the softmax scale) and dV of one K tile over the Q tiles
     [m_lo, m_hi) of every query head i_h0 + g of its GQA group; MASKED tiles test each key's query
-    range. p_q, p_do are at head i_h0 (head_base); ld_row is head i_h0's first row in p_ld.
+    range. p_q, p_do are at head i_h0 (head_base); ld_row is head i_h0's first row in p_ld; r_off is the
+    batch row's offset in the key ranges p_lo, p_hi.
 
     One loop over (head, Q tile) pairs, not a head loop around a tile loop: the load pipeline runs
     on from one head to the next, and nothing stays live across an outer loop (at head_dim 128 the
@@ -81,7 +82,7 @@ def _dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_ld, ld_row, i_b, i_h0, GROUP, 
     last-iteration test), and p_ld stays the kernel argument (uniform registers) with the head offset
     folded once into each thread's (lse, delta) offsets o_ld."""
     if MASKED:
-        b_lo, b_hi = row_ranges(p_lo, p_hi, o_n, m_n)
+        b_lo, b_hi = row_ranges(p_lo, p_hi, r_off + o_n, m_n)
     o_ld = ld_row * 2 + tl.arange(0, 2 * BLOCK_M)
     start_m = m_lo
     i_g = 0
@@ -107,26 +108,28 @@ def _dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_ld, ld_row, i_b, i_h0, GROUP, 
     return b_dk, b_dv
 
 
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ"])
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ", "stride_rb"])
 def attention_bwd_dkdv_kernel(
     p_q, p_k, p_v, p_do, p_ld, p_dk, p_dv, p_lo, p_hi,
     # runtime scalars
     qk_scale, grad_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP, N_HQ,
-    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dk, dv
+    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dk, dv; batch of the key ranges
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_rb,
     # meta-parameters
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(Sk, BLOCK_N), batch, kv_heads). p_q, p_do: pointers, or TensorDescriptors when USE_TMA;
-    p_ld: the (lse, delta) pairs; p_lo, p_hi: int32 (Sk,), the query rows [lo, hi) that see each key.
+    p_ld: the (lse, delta) pairs; p_lo, p_hi: int32 (batch, Sk) with batch stride stride_rb (0 when shared
+    by all batch rows), the query rows [lo, hi) that see each key.
     dK (rotated space, times grad_scale) and dV, summed over the GQA group."""
     i_n, i_b, i_hk = tl.program_id(0), widen(tl.program_id(1), INT64), widen(tl.program_id(2), INT64)
+    r_off = i_b * stride_rb  # the batch row's key ranges (kernels/attention_tiles.batch_ranges)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < SEQ_K
     o_d = tl.arange(0, BLOCK_D)
@@ -143,11 +146,12 @@ def attention_bwd_dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i in tl.static_range(3):  # masked, full, masked
         # Each loop's bounds are read just before it, so none is held through the loops before it.
-        bounds = tile_ranges(p_lo, p_hi, i_n * BLOCK_N, tl.minimum(i_n * BLOCK_N + BLOCK_N, SEQ_K) - 1, BLOCK_M)
+        bounds = tile_ranges(p_lo, p_hi, r_off + i_n * BLOCK_N, r_off + tl.minimum(i_n * BLOCK_N + BLOCK_N, SEQ_K) - 1,
+                             BLOCK_M)
         b_dk, b_dv = _dkdv_loop(b_dk, b_dv, b_k, b_v, p_qg, p_dog, p_ld, (i_b * N_HQ + i_h0) * SEQ_Q, i_b, i_h0, GROUP,
-                                qk_scale, p_lo, p_hi, o_n, m_n, bounds[i], bounds[i + 1], SEQ_Q, stride_qh, stride_qs,
-                                stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d, i != 1, BLOCK_M, BLOCK_D,
-                                DOT_PRECISION, USE_TMA, INT64)
+                                qk_scale, p_lo, p_hi, r_off, o_n, m_n, bounds[i], bounds[i + 1], SEQ_Q, stride_qh,
+                                stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, o_d, m_d, i != 1, BLOCK_M,
+                                BLOCK_D, DOT_PRECISION, USE_TMA, INT64)
     o_nw = widen(o_n, INT64)
     store_block(p_dk + i_b * stride_dkb + i_hk * stride_dkh, b_dk * grad_scale, o_nw, m_n, stride_dks, stride_dkd,
                 o_d, m_d)
@@ -155,14 +159,14 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_loop(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_b, i_hk, qk_scale, p_lo, p_hi, o_m, m_m, n_lo, n_hi, SEQ_K,
-             stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d,
+def _dq_loop(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_b, i_hk, qk_scale, p_lo, p_hi, r_off, o_m, m_m, n_lo, n_hi,
+             SEQ_K, stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d,
              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
              USE_TMA: tl.constexpr, INT64: tl.constexpr):
     """Accumulate dQ (rotated space, before the softmax scale) of one Q tile over the K tiles [n_lo, n_hi);
-    MASKED tiles test each row's key range."""
+    MASKED tiles test each row's key range (at r_off + o_m in p_lo, p_hi)."""
     if MASKED:
-        b_lo, b_hi = row_ranges(p_lo, p_hi, o_m, m_m)
+        b_lo, b_hi = row_ranges(p_lo, p_hi, r_off + o_m, m_m)
     for start_n in range(n_lo, n_hi, BLOCK_N):
         b_k = load_tile(p_k, i_b, i_hk, start_n, SEQ_K, stride_ks, stride_kd, o_d, m_d, BLOCK_N, BLOCK_D, MASKED,
                         USE_TMA, INT64)
@@ -177,33 +181,36 @@ def _dq_loop(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_b, i_hk, qk_scale, p_l
     return b_dq
 
 
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ"])
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "N_HQ", "stride_rb"])
 def attention_bwd_dq_kernel(
     p_q, p_k, p_v, p_do, p_ld, p_dq, p_lo, p_hi,
     # runtime scalars
     qk_scale, grad_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP, N_HQ,
-    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dq
+    # strides (batch, head, seq, dim) of q_rot, k_rot, v, do, dq; batch of the query ranges
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
-    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd, stride_rb,
     # meta-parameters
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(Sq, BLOCK_M), batch, q_heads). p_k, p_v: pointers, or TensorDescriptors when USE_TMA;
-    p_ld: the (lse, delta) pairs; p_lo, p_hi: int32 (Sq,), the keys [lo, hi) each query row sees.
+    p_ld: the (lse, delta) pairs; p_lo, p_hi: int32 (batch, Sq) with batch stride stride_rb (0 when shared
+    by all batch rows), the keys [lo, hi) each query row sees.
     dQ in the rotated space, times grad_scale."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, causal) Q tiles first, as the forward
     i_b, i_h = widen(tl.program_id(1), INT64), widen(tl.program_id(2), INT64)
     i_hk = i_h // GROUP
+    r_off = i_b * stride_rb  # the batch row's query ranges (kernels/attention_tiles.batch_ranges)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < SEQ_Q
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
-    bounds = tile_ranges(p_lo, p_hi, i_m * BLOCK_M, tl.minimum(i_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1, BLOCK_N)
+    bounds = tile_ranges(p_lo, p_hi, r_off + i_m * BLOCK_M, r_off + tl.minimum(i_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1,
+                         BLOCK_N)
     b_q = load_tile(p_q + i_b * stride_qb + i_h * stride_qh, i_b, i_h, i_m * BLOCK_M, SEQ_Q, stride_qs, stride_qd,
                     o_d, m_d, BLOCK_M, BLOCK_D, True, False, INT64)
     b_do = load_tile(p_do + i_b * stride_dob + i_h * stride_doh, i_b, i_h, i_m * BLOCK_M, SEQ_Q, stride_dos,
@@ -217,7 +224,7 @@ def attention_bwd_dq_kernel(
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in tl.static_range(3):  # masked, full, masked
-        b_dq = _dq_loop(b_dq, b_q, b_do, b_lse, b_delta, p_kh, p_vh, i_b, i_hk, qk_scale, p_lo, p_hi, o_m, m_m,
+        b_dq = _dq_loop(b_dq, b_q, b_do, b_lse, b_delta, p_kh, p_vh, i_b, i_hk, qk_scale, p_lo, p_hi, r_off, o_m, m_m,
                         bounds[i], bounds[i + 1], SEQ_K, stride_ks, stride_kd, stride_vs, stride_vd, o_d, m_d, i != 1,
                         BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, INT64)
     store_block(p_dq + i_b * stride_dqb + i_h * stride_dqh, b_dq * grad_scale, widen(o_m, INT64), m_m, stride_dqs,

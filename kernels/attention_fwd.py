@@ -11,14 +11,14 @@ per-element addresses next to the Q tile and made every head_dim-128 tile spill.
 Rounding convention shared with the backward: q_rot and k_rot are rounded to the input
 dtype, their dot accumulates in fp32, and the fp32 scores are scaled by
 softmax_scale * log2(e) after the dot (in full tiles fused with the max subtraction into
-one FMA). Causal masks and packed sequences are per-row key ranges (kernels/attention_tiles.py):
-full tiles test nothing. Naming legend in kernels/rotary.py.
+one FMA). Causal masks, packed sequences and a static cache's key counts are per-row key
+ranges (kernels/attention_tiles.py): full tiles test nothing. Naming legend in kernels/rotary.py.
 """
 
 import triton
 import triton.language as tl
 
-from .attention_tiles import head_base, in_range, load_tile, row_ranges, tile_ranges
+from .attention_tiles import batch_ranges, head_base, in_range, load_tile, row_ranges, tile_ranges
 from .rotary import store_block, widen
 
 
@@ -81,29 +81,31 @@ def _fwd_loop(b_acc, b_l, b_m, b_q, p_k, p_v, i_b, i_hk, qk_scale, p_lo, p_hi, o
 
 # Lengths, the GQA group and the LSE strides (multiples of the length) are not specialized: a new
 # sequence length must not compile a new kernel (tests/test_compile_budget.py).
-@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K", "GROUP", "stride_lb", "stride_lh", "stride_rb"])
 def attention_fwd_kernel(
     p_q, p_k, p_v, p_out, p_lse, p_lo, p_hi,
     # runtime scalars
     qk_scale, SEQ_Q, SEQ_K, HEAD_DIM, GROUP,
-    # strides (batch, head, seq, dim) of q, k, v, out; (batch, head, seq) of lse
+    # strides (batch, head, seq, dim) of q, k, v, out; (batch, head, seq) of lse; batch of the row ranges
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    stride_lb, stride_lh, stride_ls,
+    stride_lb, stride_lh, stride_ls, stride_rb,
     # meta-parameters
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(Sq, BLOCK_M), batch, q_heads). p_k, p_v: pointers, or TensorDescriptors when USE_TMA.
-    p_lo, p_hi: int32 (Sq,), the keys [lo, hi) each query row sees. qk_scale >= 0. Writes out and the
-    base-2 LSE of the scaled scores (+inf for rows that see no key)."""
+    p_lo, p_hi: int32 (batch, Sq) with batch stride stride_rb (0 when every batch row shares them), the
+    keys [lo, hi) each query row sees. qk_scale >= 0. Writes out and the base-2 LSE of the scaled scores
+    (+inf for rows that see no key)."""
     # Last Q tiles first: under a causal mask they see the most keys, so the heaviest programs start
     # first and the light ones fill the tail of the launch.
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
     i_b, i_h = widen(tl.program_id(1), INT64), widen(tl.program_id(2), INT64)
     i_hk = i_h // GROUP
+    p_lo, p_hi = batch_ranges(p_lo, p_hi, i_b, stride_rb)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < SEQ_Q

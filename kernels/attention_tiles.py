@@ -1,13 +1,15 @@
 """Tile bounds and tile loads shared by the attention forward and backward kernels.
 
-The kernels know nothing about causal masks or packed sequences: every query row carries the
-range [lo, hi) of keys it sees and every key the range of query rows that see it, in the
-coordinates of the tensor's sequence axis (the launcher computes both on the device from the
-causal flag and cu_seqlens, longrope_triton/attention.py). A tile's loop over the other axis
-then splits in three: [lo_min, lo_max) where some rows start later (masked), [lo_max, hi_min)
-where every row sees every column (full tiles: no mask of any kind, the loop that carries the
-work), [hi_min, hi_max) where some rows stop earlier (masked: the causal diagonal band, the
-partial last tile, a packed sequence's end). Masked tiles are the only ones that test columns.
+The kernels know nothing about causal masks, packed sequences or static caches: every query
+row carries the range [lo, hi) of keys it sees and every key the range of query rows that see
+it, in the coordinates of the tensor's sequence axis (the launcher computes both on the device
+from the causal flag, cu_seqlens and seqused_k, longrope_triton/attention.py: one array per
+batch row when seqused_k gives each row its own key count, else one that all rows share, batch
+stride 0). A tile's loop over the other axis then splits in three: [lo_min, lo_max) where some
+rows start later (masked), [lo_max, hi_min) where every row sees every column (full tiles: no
+mask of any kind, the loop that carries the work), [hi_min, hi_max) where some rows stop
+earlier (masked: the causal diagonal band, the partial last tile, a packed sequence's end, a
+static cache's last keys in use). Masked tiles are the only ones that test columns.
 
 Loads come from a TensorDescriptor (TMA: no address arithmetic, rows past the tensor and dims
 past head_dim read 0) or from pointers (any strides). Naming legend in kernels/rotary.py.
@@ -17,6 +19,18 @@ import triton
 import triton.language as tl
 
 from .rotary import widen
+
+
+@triton.jit
+def batch_ranges(p_lo, p_hi, i_b, stride_rb):
+    """The row ranges of batch row i_b: once per program, before any loop. stride_rb is 0 when every
+    batch row shares the ranges (no static cache), so the same kernel serves both.
+
+    The forward offsets its range pointers here; the backward kernels instead add the offset
+    i_b * stride_rb to the row indices they pass to tile_ranges and row_ranges: offset pointers are
+    two more 64-bit values held through the dK/dV loops, 8 B/thread more spill at head_dim 128 in
+    the sm_90 compile, while the forward compiles best (no spill on pointer loads) with them."""
+    return p_lo + i_b * stride_rb, p_hi + i_b * stride_rb
 
 
 @triton.jit

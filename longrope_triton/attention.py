@@ -13,7 +13,6 @@ CUDA graph; the checks themselves follow _validation's modes (docs/compile.md).
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
@@ -148,23 +147,6 @@ class _Plan:
         self.k_sets = self.seq_sets[self.seq_k][None]
         self.n_seqs = n
         self.shared_positions = same and position_ids is kv_position_ids
-
-    def row(self, b: int) -> "_Plan":
-        """Batch row ``b`` of a plan with seqused_k as a packed plan of two sequences, [its queries |
-        its first seqused_k[b] keys] and [no query | the remaining keys]: how the prefill launchers,
-        which do not read seqused_k, run a static cache (see _kernel_forward)."""
-        sq, sk = self.q_pos.shape[1], self.k_pos.shape[1]
-        row = copy.copy(self)
-        zero = self.seqused_k.new_zeros(1)
-        row.varlen, row.seqused_k, row.n_seqs, row.shared_positions = True, None, 2, False
-        row.cu_q = torch.cat([zero, zero + sq, zero + sq])
-        row.cu_k = torch.cat([zero, self.seqused_k[b:b + 1], zero + sk])
-        row.seq_q = torch.zeros(sq, dtype=torch.int64, device=zero.device)
-        row.seq_k = (torch.arange(sk, device=zero.device) >= self.seqused_k[b]).to(torch.int64)
-        row.q_pos, row.k_pos = self.q_pos[b:b + 1], self.k_pos[b:b + 1]
-        row.seq_sets = self.seq_sets[b:b + 1].expand(2)
-        row.q_sets, row.k_sets = self.q_sets[b:b + 1], self.k_sets[b:b + 1]
-        return row
 
 
 # ---------------------------------------------------------------------------- PyTorch path
@@ -366,31 +348,52 @@ def _common_meta(q, use_tma):
 
 
 def _query_ranges(plan, causal, sq, sk, device):
-    """(lo, hi), int32 (Sq,): the keys [lo, hi) each query row sees: its packed sequence's keys (all
-    keys when not packed), under causal only the first (Sk_b - Sq_b) + i + 1 of them for its query i
-    (bottom-right aligned). Both non-decreasing along the rows, which the kernels rely on. Device
-    ops on the plan's bounds, never a host read: grids and sizes come from tensor shapes only."""
-    rows = torch.arange(sq, device=device)
+    """(lo, hi), int32 (B or 1, Sq): the keys [lo, hi) each query row sees: its packed sequence's keys
+    (all keys when not packed, the first seqused_k[b] of batch row b of a static cache), under causal
+    only the first (Sk_b - Sq_b) + i + 1 of them for its query i (bottom-right aligned). One row that
+    every batch row shares, or one per batch row with seqused_k. Non-decreasing along the rows, which
+    the kernels rely on. Device ops on the plan's bounds, never a host read: grids and sizes come from
+    tensor shapes only."""
+    rows = torch.arange(sq, device=device)[None]
     if plan.varlen:
-        lo, hi, end = plan.cu_k[plan.seq_q], plan.cu_k[plan.seq_q + 1], plan.cu_q[plan.seq_q + 1]
+        lo, hi, end = plan.cu_k[plan.seq_q][None], plan.cu_k[plan.seq_q + 1][None], plan.cu_q[plan.seq_q + 1][None]
     else:
-        lo, hi, end = torch.zeros_like(rows), torch.full_like(rows, sk), sq
+        used = plan.seqused_k
+        lo, end = torch.zeros_like(rows), sq
+        hi = torch.full_like(rows, sk) if used is None else used[:, None].expand(-1, sq)
     if causal:
         hi = torch.maximum(hi + (rows + 1 - end), lo)
-    return lo.int(), hi.int()
+    return _range_pair(lo, hi)
 
 
 def _key_ranges(plan, causal, sq, sk, device):
-    """(lo, hi), int32 (Sk,): the query rows [lo, hi) that see each key (the transpose of
-    _query_ranges), non-decreasing along the keys."""
-    keys = torch.arange(sk, device=device)
+    """(lo, hi), int32 (B or 1, Sk): the query rows [lo, hi) that see each key (the transpose of
+    _query_ranges; a static cache's keys past seqused_k[b] are seen by none: lo = hi),
+    non-decreasing along the keys."""
+    keys = torch.arange(sk, device=device)[None]
     if plan.varlen:
-        lo, hi, end = plan.cu_q[plan.seq_k], plan.cu_q[plan.seq_k + 1], plan.cu_k[plan.seq_k + 1]
+        lo, hi, end = plan.cu_q[plan.seq_k][None], plan.cu_q[plan.seq_k + 1][None], plan.cu_k[plan.seq_k + 1][None]
     else:
-        lo, hi, end = torch.zeros_like(keys), torch.full_like(keys, sq), sk
+        used = plan.seqused_k
+        lo, hi = torch.zeros_like(keys), torch.full_like(keys, sq)
+        end = sk if used is None else used[:, None].to(keys.dtype)
+        if used is not None and not causal:  # (causal: the clamp below empties them)
+            lo = torch.where(keys < end, lo, hi)
     if causal:
         lo = torch.minimum(torch.maximum(hi + (keys - end), lo), hi)
-    return lo.int(), hi.int()
+    return _range_pair(lo, hi)
+
+
+def _range_pair(lo, hi):
+    """lo and hi as contiguous int32 arrays of one shape, (1, S) or (B, S)."""
+    lo, hi = torch.broadcast_tensors(lo, hi)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def _range_args(lo, hi):
+    """The kernels' (p_lo, p_hi) and batch stride of ranges from _query_ranges / _key_ranges: 0 when
+    every batch row shares one row of ranges."""
+    return lo, hi, lo.stride(0) if lo.shape[0] > 1 else 0
 
 
 def _loop_operands(*tensors):
@@ -431,7 +434,7 @@ def attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotat
     step) take the split-KV kernels of decode.py, whose out and lse the same backward reads."""
     q_rot, k_rot = rotate_once(q, k, cfg, plan, rotate_q, rotate_k)
     if not plan.varlen and q.shape[2] <= DECODE_MAX_QUERIES:
-        out, lse = decode_forward(q_rot, k_rot, v, causal, softmax_scale)
+        out, lse = decode_forward(q_rot, k_rot, v, causal, softmax_scale, seqused_k=plan.seqused_k)
     else:
         out, lse = _prefill_forward(q_rot, k_rot, v, plan, causal, softmax_scale)
     return out, lse, q_rot if rotate_q else q.new_empty(0), k_rot if rotate_k else q.new_empty(0)
@@ -444,9 +447,9 @@ def _prefill_forward(q_rot, k_rot, v, plan, causal, softmax_scale):
     keys, qk_scale = _scales(softmax_scale, k_rot)
     (k_in, v_in), use_tma = _loop_operands(keys, v)
     sq, sk = q_rot.shape[2], k_rot.shape[2]
-    args = (q_rot, k_in, v_in, out, lse, *_query_ranges(plan, causal, sq, sk, q_rot.device), qk_scale, sq, sk,
-            q_rot.shape[3], q_rot.shape[1] // k_rot.shape[1],
-            *q_rot.stride(), *keys.stride(), *v.stride(), *out.stride(), *lse.stride())
+    p_lo, p_hi, stride_rb = _range_args(*_query_ranges(plan, causal, sq, sk, q_rot.device))
+    args = (q_rot, k_in, v_in, out, lse, p_lo, p_hi, qk_scale, sq, sk, q_rot.shape[3], q_rot.shape[1] // k_rot.shape[1],
+            *q_rot.stride(), *keys.stride(), *v.stride(), *out.stride(), *lse.stride(), stride_rb)
     grid = lambda m: (triton.cdiv(sq, m["BLOCK_M"]), q_rot.shape[0], q_rot.shape[1])  # noqa: E731
     _launch("attention forward", attention_fwd_kernel, _fwd_tuned, grid, args, _common_meta(q_rot, use_tma))
     return out, lse
@@ -482,15 +485,17 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
     # dk is the gradient of the keys the kernel read (-k for a negative scale): the signed scale
     # restores it; dq's multiplier is |scale| either way (see _scales).
     (q_in, do_in), use_tma = _loop_operands(q_rot, grad_out)
+    p_lo, p_hi, stride_rb = _range_args(*_key_ranges(plan, causal, sq, sk, q_rot.device))
     _launch("attention backward dK/dV", attention_bwd_dkdv_kernel, _dkdv_tuned,
             lambda m: (triton.cdiv(sk, m["BLOCK_N"]), batch, k_rot.shape[1]),
-            (q_in, keys, v, do_in, ld, dk_acc, dv, *_key_ranges(plan, causal, sq, sk, q_rot.device), qk_scale,
-             softmax_scale, *head, *strides, *dk_acc.stride(), *dv.stride()), _common_meta(q_rot, use_tma))
+            (q_in, keys, v, do_in, ld, dk_acc, dv, p_lo, p_hi, qk_scale, softmax_scale, *head, *strides,
+             *dk_acc.stride(), *dv.stride(), stride_rb), _common_meta(q_rot, use_tma))
     (k_in, v_in), use_tma = _loop_operands(keys, v)
+    p_lo, p_hi, stride_rb = _range_args(*_query_ranges(plan, causal, sq, sk, q_rot.device))
     _launch("attention backward dQ", attention_bwd_dq_kernel, _dq_tuned,
             lambda m: (triton.cdiv(sq, m["BLOCK_M"]), batch, n_hq),
-            (q_rot, k_in, v_in, grad_out, ld, dq_acc, *_query_ranges(plan, causal, sq, sk, q_rot.device), qk_scale,
-             abs(softmax_scale), *head, *strides, *dq_acc.stride()), _common_meta(q_rot, use_tma))
+            (q_rot, k_in, v_in, grad_out, ld, dq_acc, p_lo, p_hi, qk_scale, abs(softmax_scale), *head, *strides,
+             *dq_acc.stride(), stride_rb), _common_meta(q_rot, use_tma))
     if grad_k_rot is not None:
         dk_acc += grad_k_rot
     # Back to the caller's space: the conjugate rotation, once per token.
@@ -499,46 +504,6 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
 
 
 # ---------------------------------------------------------------------------- custom op + autograd
-def _kernel_forward(q, k, v, cfg, plan: _Plan, causal, softmax_scale, rotate_q, rotate_k):
-    """attention_forward, plus the batch rows of a static cache (seqused_k), which the prefill
-    launchers do not read yet: a decode step runs the split-KV kernels, which take the key counts
-    from the device; a longer step runs each batch row as two packed sequences (_Plan.row). Both
-    write into buffers laid out as attention_forward's (the fake implementation's)."""
-    if plan.seqused_k is None:
-        return attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
-    if q.shape[2] <= DECODE_MAX_QUERIES:
-        q_rot, k_rot = rotate_once(q, k, cfg, plan, rotate_q, rotate_k)
-        out, lse = decode_forward(q_rot, k_rot, v, causal, softmax_scale, seqused_k=plan.seqused_k)
-        return out, lse, q_rot if rotate_q else q.new_empty(0), k_rot if rotate_k else q.new_empty(0)
-    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
-    q_rot, k_rot = (torch.empty_like(q) if rotate_q else q.new_empty(0)), (torch.empty_like(k) if rotate_k else
-                                                                            q.new_empty(0))
-    for b in range(q.shape[0]):
-        parts = attention_forward(q[b:b + 1], k[b:b + 1], v[b:b + 1], cfg, plan.row(b), causal, softmax_scale,
-                                  rotate_q, rotate_k)
-        for whole, part in zip((out, lse, q_rot, k_rot), parts):
-            if whole.numel():
-                whole[b:b + 1].copy_(part)
-    return out, lse, q_rot, k_rot
-
-
-def _kernel_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan: _Plan, causal, softmax_scale,
-                     rotate_q, rotate_k):
-    """attention_backward; the rows of a static cache one by one, as in _kernel_forward."""
-    if plan.seqused_k is None:
-        return attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal, softmax_scale,
-                                  rotate_q, rotate_k)
-    grads = torch.empty_like(q_rot), torch.empty_like(k_rot), torch.empty_like(v)
-    for b in range(q_rot.shape[0]):
-        row = slice(b, b + 1)
-        parts = attention_backward(grad_out[row], q_rot[row], k_rot[row], v[row], out[row], lse[row],
-                                   None if grad_k_rot is None else grad_k_rot[row], cfg, plan.row(b), causal,
-                                   softmax_scale, rotate_q, rotate_k)
-        for whole, part in zip(grads, parts):
-            whole[row].copy_(part)
-    return grads
-
-
 def attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: Optional[torch.Tensor],
                    kv_position_ids: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                    cu_seqlens_k: Optional[torch.Tensor], causal: bool, softmax_scale: float,
@@ -557,7 +522,7 @@ def attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
     plan = _Plan(cfg, q, k, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len, use_long,
                  seqused_k, rotate_k)
     if use_kernel(q):
-        return _kernel_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
+        return attention_forward(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
     out, q_rot, k_rot = torch_attention(q, k, v, cfg, plan, causal, softmax_scale, rotate_q, rotate_k)
     return (out, q.new_zeros(q.shape[:-1], dtype=torch.float32), q_rot if rotate_q else q.new_empty(0),
             k_rot if rotate_k else q.new_empty(0))
@@ -593,8 +558,8 @@ def attention_backward_impl(grad_out: torch.Tensor, q_rot: torch.Tensor, k_rot: 
     plan = _Plan(cfg, q_rot, k_rot, position_ids, kv_position_ids, cu_seqlens_q, cu_seqlens_k, seq_len, use_long,
                  seqused_k, rotate_k)
     if use_kernel(q_rot):
-        return _kernel_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal, softmax_scale,
-                                rotate_q, rotate_k)
+        return attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal, softmax_scale,
+                                  rotate_q, rotate_k)
     return torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg, plan, causal, softmax_scale,
                                     rotate_q, rotate_k)
 

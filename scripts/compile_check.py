@@ -80,6 +80,7 @@ class Variant:
     interleaved: bool = False
     seq_q: int = 256  # 1: a decode step (the split-KV kernels)
     tma: bool = True  # loops load through TMA tensor descriptors (sm_90 with a layout that allows it)
+    seqused: bool = False  # a static cache: seqused_k per batch row (decode: HAS_USED; prefill: per-row ranges)
 
     @property
     def default_path(self) -> bool:
@@ -96,7 +97,7 @@ def record_launches(variant: Variant, seq_k: int = 256):
         calls.append((name, kernel, tuned, args, _dispatch.launch_meta(args, meta)))
 
     dtype = DTYPES[variant.dtype]
-    batch, hq, hk = 1, 8, 2
+    batch, hq, hk = 2 if variant.seqused else 1, 8, 2  # two rows with their own key counts: per-row ranges
     cfg = LongRoPEConfig(head_dim=variant.head_dim, rotary_dim=variant.rotary_dim,
                          original_max_position_embeddings=4096, max_position_embeddings=131072,
                          interleaved=variant.interleaved)
@@ -104,7 +105,8 @@ def record_launches(variant: Variant, seq_k: int = 256):
     k = torch.zeros(batch, hk, seq_k, variant.head_dim, dtype=dtype)
     v = torch.zeros_like(k)
     cu = torch.tensor([0, 100, seq_k], dtype=torch.int32) if variant.varlen else None
-    plan = attention._Plan(cfg, q, k, None, None, cu, cu, None)
+    used = torch.tensor([seq_k - 37, seq_k], dtype=torch.int32) if variant.seqused else None
+    plan = attention._Plan(cfg, q, k, None, None, cu, cu, None, seqused_k=used)
     scale = variant.head_dim ** -0.5
     saved = _dispatch.launch, _dispatch.tma_enabled
     _dispatch.launch, _dispatch.tma_enabled = record, lambda device: variant.tma
@@ -155,20 +157,24 @@ SHAPES = [(64, 64), (80, 80), (96, 96), (128, 128), (128, 96), (256, 256)]  # (h
 
 def variants(dtypes):
     """Every variant a user can reach in these dtypes: head_dims 64-256 (partial rotary included),
-    causal or not, packed (varlen) or not, TMA or pointer loads, one interleaved config, and decode
-    steps (Sq = 1)."""
+    causal or not, packed (varlen) or not, a static cache (seqused_k) or not, TMA or pointer loads,
+    one interleaved config, and decode steps (Sq = 1) with and without a static cache."""
     for dtype, (d, r), causal, varlen, tma in itertools.product(dtypes, SHAPES, (True, False), (False, True),
                                                                  (True, False)):
         yield Variant(dtype, d, r, causal, varlen, tma=tma)
+    for dtype, (d, r), causal, tma in itertools.product(dtypes, SHAPES, (True, False), (True, False)):
+        yield Variant(dtype, d, r, causal, False, tma=tma, seqused=True)
     yield Variant(dtypes[0], 128, 128, True, False, interleaved=True)
-    for dtype, d, causal in itertools.product(dtypes, (64, 128, 256), (True, False)):
-        yield Variant(dtype, d, d, causal, False, seq_q=1)
+    for dtype, d, causal, seqused in itertools.product(dtypes, (64, 128, 256), (True, False), (False, True)):
+        yield Variant(dtype, d, d, causal, False, seq_q=1, seqused=seqused)
 
 
 def jobs_of(variant_list):
-    """Unique compilations with the variants each covers ([head_dim, causal, packed]): the attention
-    kernels depend on head_dim only through BLOCK_D (head_dim is a runtime argument), not on rotary_dim
-    or the pair layout, and on causal masks and packing not at all (they are row ranges, data).
+    """Unique compilations with the variants each covers: [head_dim, causal, packed], and apart
+    [head_dim, causal] of static-cache (seqused_k) calls. The attention kernels depend on head_dim only
+    through BLOCK_D (head_dim is a runtime argument), not on rotary_dim or the pair layout, and on causal
+    masks, packing and a static cache's key counts not at all in the prefill kernels (they are row
+    ranges, data; per-row ranges are a runtime batch stride) — the decode kernel has a HAS_USED variant.
     ``rank`` is the config's place in the launch's list (0: the one LONGROPE_TRITON_PIN_TILES=1 runs)."""
     seen = {}
     for variant in variant_list:
@@ -177,8 +183,12 @@ def jobs_of(variant_list):
             for rank, config in enumerate(tile_configs(tuned, args, meta)):
                 key = (name, variant.dtype, tuple(sorted(meta.items())), str(config.kwargs), config.num_warps,
                        config.num_stages)
-                seen.setdefault(key, (name, kernel, args, meta, config, rank, variant, set()))[-1].add(
-                    (variant.head_dim, variant.causal, variant.varlen))
+                covers, static = seen.setdefault(key, (name, kernel, args, meta, config, rank, variant, set(),
+                                                       set()))[-2:]
+                if variant.seqused:
+                    static.add((variant.head_dim, variant.causal))
+                else:
+                    covers.add((variant.head_dim, variant.causal, variant.varlen))
     return list(seen.values())
 
 
@@ -186,9 +196,9 @@ _JOBS: list = []  # set before the worker processes fork: kernels and tensors ar
 
 
 def run_job(index: int, arch: int):
-    name, kernel, args, meta, config, rank, variant, covers = _JOBS[index]
-    record = dict(kernel=name, dtype=variant.dtype, head_dims=sorted({c[0] for c in covers}),
-                  covers=sorted(covers), rotary_dim=None,
+    name, kernel, args, meta, config, rank, variant, covers, static = _JOBS[index]
+    record = dict(kernel=name, dtype=variant.dtype, head_dims=sorted({c[0] for c in covers | static}),
+                  covers=sorted(covers), covers_seqused_k=sorted(static), rotary_dim=None,
                   **{k.lower(): v for k, v in meta.items() if k.isupper() and k != "ROTARY_DIM"},
                   **{k.lower(): v for k, v in config.kwargs.items()}, warps=config.num_warps,
                   stages=config.num_stages, rank=rank, default_path=variant.default_path)
@@ -212,19 +222,32 @@ def summary(record):
 
 
 def new_variants_across_lengths(lengths=(1000, 256, 77), arch: int = 90) -> dict:
-    """Kernels compiled by bf16 head_dim-128 calls that differ only in sequence length, beyond those
-    the first length compiled (all 0: lengths are not specialized, a new length compiles nothing)."""
+    """Kernels compiled by bf16 head_dim-128 calls that differ only in sequence length, beyond those the
+    first length compiled; then by the same calls on a static cache (seqused_k, " (seqused_k)"), beyond
+    those the plain calls compiled (all 0: lengths are not specialized, a new length compiles nothing,
+    and the prefill kernels' per-row ranges are data). Only the rotary kernel may compile launches of its
+    own at a static cache's first length (its query and key positions differ: two launches, not one)."""
     driver.set_active(TargetDriver(arch))
-    first = {}
     counts = {}
-    for length in lengths:
-        for name, kernel, tuned, args, meta in record_launches(Variant("bf16", 128, 128, True, False, seq_q=length),
-                                                               seq_k=length):
+
+    def compile_calls(length, seqused):
+        variant = Variant("bf16", 128, 128, True, False, seq_q=length, seqused=seqused)
+        for name, kernel, tuned, args, meta in record_launches(variant, seq_k=length):
             meta = dict(meta)
             compile_launch(kernel, args, meta, tile_configs(tuned, args, meta)[0], arch)
             counts[name] = sum(len(cache[0]) for cache in kernel.device_caches.values())
-        first = first or dict(counts)
-    return {name: counts[name] - first[name] for name in counts}
+        return dict(counts)
+
+    extra = {}
+    for seqused in (False, True):
+        before = dict(counts)
+        first = last = compile_calls(lengths[0], seqused)
+        for length in lengths[1:]:
+            last = compile_calls(length, seqused)
+        for name, n in last.items():
+            base = before[name] if seqused and name != "rotary" else first[name]
+            extra[name + (" (seqused_k)" if seqused else "")] = n - base
+    return extra
 
 
 def main(argv=None) -> int:
@@ -256,7 +279,7 @@ def main(argv=None) -> int:
         dims = "/".join(map(str, r["head_dims"]))
         print(f"{'FAIL' if why else 'ok  '} {r['kernel']:30s} {r['dtype']} d{dims} r{r['rotary_dim']} {tile} "
               f"w{r['warps']} s{r['stages']} tma={r.get('use_tma', '-')} "
-              f"shared={r.get('shared')} regs={r.get('registers')} "
+              f"{'has_used ' if r.get('has_used') else ''}shared={r.get('shared')} regs={r.get('registers')} "
               f"spill={r.get('spill_bytes')} inst/kFLOP={sass_report.steady_figure(r)} {'; '.join(why)}", flush=True)
     over = sass_report.budget_problems(records)
     for line in over:

@@ -201,33 +201,116 @@ def test_packed_many_empty_and_short_sequences(monkeypatch, loads, dtype, causal
 
 
 def test_visible_ranges_match_the_masks():
-    """The launcher's per-row key ranges and per-key query ranges are the causal / packed masks, and
-    non-decreasing (the kernels read a tile's bounds at its first and last row)."""
+    """The launcher's per-row key ranges and per-key query ranges are the causal / packed / static-cache
+    masks, and non-decreasing (the kernels read a tile's bounds at its first and last row); one row of
+    ranges shared by the batch (batch stride 0) unless seqused_k gives each batch row its own."""
     from types import SimpleNamespace
 
-    from longrope_triton.attention import _key_ranges, _query_ranges
+    from longrope_triton.attention import _key_ranges, _query_ranges, _range_args
     cu_q, cu_k = torch.tensor(PACKED_Q, dtype=torch.int32), torch.tensor(PACKED_K, dtype=torch.int32)
     sq, sk = PACKED_Q[-1], PACKED_K[-1]
     seq = lambda cu, n: torch.searchsorted(cu[1:], torch.arange(n, dtype=cu.dtype), right=True)  # noqa: E731
-    packed = SimpleNamespace(varlen=True, cu_q=cu_q, cu_k=cu_k, seq_q=seq(cu_q, sq), seq_k=seq(cu_k, sk))
-    plans = [(packed, sq, sk, cu_q.tolist(), cu_k.tolist()), (SimpleNamespace(varlen=False), 50, 33, [0, 50], [0, 33]),
-             (SimpleNamespace(varlen=False), 20, 45, [0, 20], [0, 45])]
-    for plan, sq, sk, bq, bk in plans:
+    packed = SimpleNamespace(varlen=True, seqused_k=None, cu_q=cu_q, cu_k=cu_k, seq_q=seq(cu_q, sq),
+                             seq_k=seq(cu_k, sk))
+    batched = SimpleNamespace(varlen=False, seqused_k=None)
+    used = [45, 20, 0, 31, 7]  # a static cache of 45 slots: full, as many keys as queries, empty, fewer
+    static = SimpleNamespace(varlen=False, seqused_k=torch.tensor(used, dtype=torch.int32))
+    # (plan, Sq, Sk, per batch row: the (query, key) bounds of its sequences)
+    plans = [(packed, sq, sk, [(cu_q.tolist(), cu_k.tolist())]), (batched, 50, 33, [([0, 50], [0, 33])]),
+             (batched, 20, 45, [([0, 20], [0, 45])]), (static, 20, 45, [([0, 20], [0, n]) for n in used])]
+    for plan, sq, sk, rows_of_batch in plans:
         for causal in (True, False):
-            mask = torch.zeros(sq, sk, dtype=torch.bool)
-            for b in range(len(bq) - 1):
-                len_q, len_k = bq[b + 1] - bq[b], bk[b + 1] - bk[b]
-                for i in range(len_q):
-                    last = len_k if not causal else min(len_k, len_k - len_q + i + 1)
-                    mask[bq[b] + i, bk[b]:bk[b] + max(last, 0)] = True
-            lo, hi = _query_ranges(plan, causal, sq, sk, "cpu")
-            cols = torch.arange(sk)
-            assert torch.equal((cols >= lo[:, None]) & (cols < hi[:, None]), mask)
-            lo, hi = _key_ranges(plan, causal, sq, sk, "cpu")
-            rows = torch.arange(sq)
-            assert torch.equal(((rows >= lo[:, None]) & (rows < hi[:, None])).T, mask)
-            for lo_hi in (*_query_ranges(plan, causal, sq, sk, "cpu"), lo, hi):
-                assert (lo_hi[1:] >= lo_hi[:-1]).all()
+            q_lo, q_hi = _query_ranges(plan, causal, sq, sk, "cpu")
+            k_lo, k_hi = _key_ranges(plan, causal, sq, sk, "cpu")
+            for lo_hi, n in ((q_lo, sq), (q_hi, sq), (k_lo, sk), (k_hi, sk)):
+                assert lo_hi.dtype == torch.int32 and lo_hi.shape == (len(rows_of_batch), n) and lo_hi.is_contiguous()
+                assert (lo_hi[:, 1:] >= lo_hi[:, :-1]).all()
+            for lo, hi in ((q_lo, q_hi), (k_lo, k_hi)):
+                assert _range_args(lo, hi)[2] == (0 if len(rows_of_batch) == 1 else lo.shape[1])
+            for b, (bq, bk) in enumerate(rows_of_batch):
+                mask = torch.zeros(sq, sk, dtype=torch.bool)
+                for s in range(len(bq) - 1):
+                    len_q, len_k = bq[s + 1] - bq[s], bk[s + 1] - bk[s]
+                    for i in range(len_q):
+                        last = len_k if not causal else min(len_k, len_k - len_q + i + 1)
+                        mask[bq[s] + i, bk[s]:bk[s] + max(last, 0)] = True
+                cols, rows = torch.arange(sk), torch.arange(sq)
+                assert torch.equal((cols >= q_lo[b, :, None]) & (cols < q_hi[b, :, None]), mask), (b, causal)
+                assert torch.equal(((rows >= k_lo[b, :, None]) & (rows < k_hi[b, :, None])).T, mask), (b, causal)
+
+
+def static_cache_reference(q, k, v, cfg, used, long, dtype=torch.float64, **kwargs):
+    """Each batch row b attending its first used[b] keys alone (positions used[b] - Sq + i and
+    arange(used[b]), bottom-right causal against them), in its own regime; float64 by default."""
+    rows = [fused_rope_attention_reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], cfg,
+                                           seq_len=LONG_LEN if lg else SHORT_LEN, dtype=dtype, **kwargs)
+            for b, (n, lg) in enumerate(zip(used, long))]
+    return torch.cat(rows)
+
+
+STATIC_ORIGINAL = 40
+SHORT_LEN, LONG_LEN = STATIC_ORIGINAL, STATIC_ORIGINAL + 1  # seq_len values that force each regime
+
+
+@pytest.mark.parametrize("sq", [5, 40], ids=["Sq5-decode", "Sq40-prefill"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_static_cache_seqused_k_matches_reference(monkeypatch, loads, dtype, causal, sq):
+    """seqused_k: three batch rows of a 75-slot cache with 61, Sq + 3 and 75 keys in use (each row's
+    own ranges: a key tile past a row's keys, a partial one, a full cache), regimes per row by use_long,
+    keys rotated here. Sq <= 16 runs the split-KV forward, Sq > 16 the prefill one; the backward is the
+    prefill kernels' either way. Output and all gradients against float64, each row alone on its keys;
+    the unused slots get exactly zero gradient. Eager checks off: no value read on the host."""
+    monkeypatch.setenv("LONGROPE_TRITON_EAGER_CHECKS", "0")
+    cfg = make_cfg(original=STATIC_ORIGINAL)
+    used, long = [61, sq + 3, 75], [False, True, False]
+    q, k, v = make_qkv(3, 4, 2, sq, 75, 64, dtype, bshd=True)
+    grad_out = torch.randn(3, 4, sq, 64, dtype=dtype)
+    kwargs = {"causal": causal}
+    ours = run_with_grads(lambda *x: fused_rope_attention(*x, cfg, seqused_k=torch.tensor(used, dtype=torch.int32),
+                                                          use_long=torch.tensor(long), **kwargs), (q, k, v), grad_out)
+    reference = run_with_grads(lambda *x: static_cache_reference(*x, cfg, used, long, **kwargs),
+                               [t.double() for t in (q, k, v)], grad_out.double())
+    eager = run_with_grads(lambda *x: static_cache_reference(*x, cfg, used, long, dtype=dtype, **kwargs), (q, k, v),
+                           grad_out) if dtype != torch.float32 else reference
+    assert_close_to_reference(ours, reference, eager, dtype)
+    for b, n in enumerate(used):
+        for name, grad in (("dk", ours[2]), ("dv", ours[3])):
+            assert not grad[b, :, n:].any(), f"{name} row {b}: gradient in an unused slot"
+
+
+@pytest.mark.parametrize("sq", [5, 40], ids=["Sq5-decode", "Sq40-prefill"])
+def test_static_cache_step_launches_each_kernel_once(monkeypatch, sq):
+    """The launchers read seqused_k themselves: a static-cache step of a 3-row batch launches each
+    attention kernel once (not once per batch row), the prefill kernels with one row of ranges per
+    batch row (batch stride Sq or Sk), the split-KV forward with the key counts (HAS_USED). Launches
+    are recorded, not run (no interpreter needed)."""
+    from longrope_triton import _dispatch, attention
+    launches = []
+    monkeypatch.setattr(_dispatch, "launch", lambda name, kernel, grid, args, meta, **kw: launches.append(
+        (name, dict(zip(kernel.arg_names, args)), meta)))
+    cfg = make_cfg(original=STATIC_ORIGINAL)
+    q, k, v = (t.detach() for t in make_qkv(3, 4, 2, sq, 75, 64, torch.float16))
+    used = torch.tensor([61, sq + 3, 75], dtype=torch.int32)
+    for seqused_k in (used, None):
+        launches.clear()
+        plan = attention._Plan(cfg, q, k, None, None, None, None, None, seqused_k=seqused_k)
+        out, lse, q_rot, k_rot = attention.attention_forward(q, k, v, cfg, plan, True, 0.125, True, True)
+        attention.attention_backward(torch.zeros_like(out), q_rot, k_rot, v, out, lse, None, cfg, plan, True, 0.125,
+                                     True, True)
+        names = [name for name, _, _ in launches]
+        forward = "attention decode" if sq <= 16 else "attention forward"
+        for name in (forward, "attention backward dK/dV", "attention backward dQ"):
+            assert names.count(name) == 1, names
+        for name, args, meta in launches:
+            if "p_lo" in args:  # the prefill kernels: range rows of Sq queries (Sk keys for dK/dV)
+                rows = 75 if name == "attention backward dK/dV" else sq
+                for ranges in (args["p_lo"], args["p_hi"]):
+                    assert ranges.shape == ((1 if seqused_k is None else 3), rows) and ranges.dtype == torch.int32
+                assert args["stride_rb"] == (0 if seqused_k is None else rows), name
+            if name == "attention decode":
+                assert meta["HAS_USED"] == (seqused_k is not None)
+                assert seqused_k is None or torch.equal(args["p_used"], used)
 
 
 @pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])

@@ -2,8 +2,9 @@
 
 scripts/compile_check.py compiles every kernel variant the launchers can pick for sm_90 (H100/H200)
 with the launch's own specialization, for bf16 and fp16, head_dim 64-256, causal or not, packed or
-not, on both load paths (TMA descriptors and pointers), every tile config of the lists, and
-disassembles each (scripts/sass_report.py). The rules (docs/kernels.md, issue 18):
+not, a static cache (seqused_k: per-row ranges, the decode kernel's HAS_USED variant) or not, on
+both load paths (TMA descriptors and pointers), every tile config of the lists, and disassembles each
+(scripts/sass_report.py). The rules (docs/kernels.md, issue 18):
 
 - every variant compiles within the shared memory of a block;
 - forward, dK/dV and dQ: the steady-state loop issues at most the anchor's instructions per kFLOP
@@ -73,17 +74,24 @@ def test_steady_state_loops_within_the_instruction_budget(records):
 
 def test_the_budget_covers_what_the_issue_names(records):
     """Every kernel, both half-precision dtypes, head_dim 64/80/96/128/256, causal and not, packed and
-    not, both load paths; the decode kernels' loops reported."""
+    not, a static cache (seqused_k) and not, both load paths; the decode kernels' loops reported, with
+    and without a static cache's key counts."""
     recs, _ = records
     for kernel in ATTENTION:
         for dtype in ("bf16", "fp16"):
             mine = [r for r in recs if r["kernel"] == kernel and r["dtype"] == dtype]
             covers = {tuple(c) for r in mine for c in r["covers"]}  # (head_dim, causal, packed)
             assert {(d, c, p) for d in (64, 80, 96, 128, 256) for c in (True, False) for p in (True, False)} <= covers
+            static = {tuple(c) for r in mine for c in r["covers_seqused_k"]}  # (head_dim, causal)
+            assert {(d, c) for d in (64, 80, 96, 128, 256) for c in (True, False)} <= static
             assert {r["use_tma"] for r in mine} == {True, False}, (kernel, dtype)
     assert any(r["kernel"] == "rotary" for r in recs)
     for kernel in ("attention decode", "attention decode merge"):
         assert {r["dtype"] for r in recs if r["kernel"] == kernel} == {"bf16", "fp16"}, kernel
+    for dtype in ("bf16", "fp16"):  # the split kernel with and without seqused_k, at every head_dim class
+        decode = [r for r in recs if r["kernel"] == "attention decode" and r["dtype"] == dtype]
+        assert {(r["block_d"], r["causal"], r["has_used"]) for r in decode} == {
+            (d, c, u) for d in (64, 128, 256) for c in (True, False) for u in (True, False)}
     assert all(r["sass"]["steady_state"] for r in recs if r["kernel"] == "attention decode")
 
 
