@@ -455,13 +455,13 @@ def _prefill_forward(q_rot, k_rot, v, plan, causal, softmax_scale):
     return out, lse
 
 
-def _gradient_buffer(x, rotated: bool):
-    """Where a dq/dk kernel writes: the gradient itself when no rotation follows, else an fp32
-    buffer the conjugate pass reads (in place for fp32), so the gradient is rounded once."""
+def _gradient_buffer(x):
+    """(grad, acc): the dq / dk kernels always write an fp32 buffer (grad itself for fp32), which the
+    conjugate rotation, or a copy where nothing is rotated (keys from a KV cache), rounds once into
+    grad. One output type, so rotated or not the dK/dV and dQ kernels compile the same way (the
+    variants tests/test_compile_budget.py budgets)."""
     grad = torch.empty_like(x)
-    if rotated and x.dtype != torch.float32:
-        return grad, torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    return grad, grad
+    return grad, (grad if x.dtype == torch.float32 else torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
 
 def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, plan, causal, softmax_scale,
@@ -476,8 +476,8 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
                      (triton.cdiv(sq, 64), batch, n_hq), (out, grad_out, lse, ld, sq, head_dim, *out.stride(),
                                                           *grad_out.stride(), *lse.stride()),
                      dict(BLOCK_M=64, BLOCK_DV=_block_d(head_dim)))
-    dq, dq_acc = _gradient_buffer(q_rot, rotate_q)
-    dk, dk_acc = _gradient_buffer(k_rot, rotate_k)
+    dq, dq_acc = _gradient_buffer(q_rot)
+    dk, dk_acc = _gradient_buffer(k_rot)
     dv = torch.empty_like(v)
     keys, qk_scale = _scales(softmax_scale, k_rot)
     head = (sq, sk, head_dim, n_hq // k_rot.shape[1], n_hq)
@@ -500,6 +500,9 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
         dk_acc += grad_k_rot
     # Back to the caller's space: the conjugate rotation, once per token.
     rotate_once(dq_acc, dk_acc, cfg, plan, rotate_q, rotate_k, conjugate=True, q_out=dq, k_out=dk)
+    for grad, acc, rotated in ((dq, dq_acc, rotate_q), (dk, dk_acc, rotate_k)):
+        if not rotated and grad is not acc:
+            grad.copy_(acc)
     return dq, dk, dv
 
 

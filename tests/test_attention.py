@@ -313,6 +313,25 @@ def test_static_cache_step_launches_each_kernel_once(monkeypatch, sq):
                 assert seqused_k is None or torch.equal(args["p_used"], used)
 
 
+def test_gradient_kernels_write_fp32_whether_or_not_keys_are_rotated(monkeypatch):
+    """dQ and dK/dV always store fp32 (then one rounding pass), so keys from a KV cache (k_is_rotated)
+    compile no kernel variant beyond the ones tests/test_compile_budget.py budgets. Recorded, not run."""
+    from longrope_triton import _dispatch, attention
+    stores = {}
+    monkeypatch.setattr(_dispatch, "launch", lambda name, kernel, grid, args, meta, **kw: stores.setdefault(
+        rotate_k, {}).update({name: {n: a.dtype for n, a in zip(kernel.arg_names, args) if n in ("p_dk", "p_dq")}}))
+    cfg = make_cfg(original=32)
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 40, 40, 64, torch.float16))
+    for rotate_k in (True, False):
+        plan = attention._Plan(cfg, q, k, None, None, None, None, None, rotate_k=rotate_k)
+        out, lse, q_rot, k_rot = attention.attention_forward(q, k, v, cfg, plan, True, 0.125, True, rotate_k)
+        attention.attention_backward(torch.zeros_like(out), q_rot, k_rot if rotate_k else k, v, out, lse, None, cfg,
+                                     plan, True, 0.125, True, rotate_k)
+    assert stores[True]["attention backward dK/dV"] == stores[False]["attention backward dK/dV"] == {
+        "p_dk": torch.float32}
+    assert stores[True]["attention backward dQ"] == stores[False]["attention backward dQ"] == {"p_dq": torch.float32}
+
+
 @pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])
 def test_nonpositive_softmax_scale(loads, scale):
     """The kernels take the row max before scaling; a negative scale runs as the positive one on -k."""
