@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def torch_path_quiet(monkeypatch):
+    """The Hugging Face tests' default (``pytest.mark.usefixtures("torch_path_quiet")``): the PyTorch
+    path (the integration logic is the same on both paths and the interpreter is slow; the ``path``
+    fixture or a test switches to the kernel), and transformers' deprecation chatter silenced."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,6 @@ compiled model here is built once per module.
 
 import os
 import traceback
-import warnings
 
 import pytest
 import torch
@@ -48,18 +47,11 @@ from longrope_triton._validation import EAGER_CHECKS_ENV  # noqa: E402
 from test_attention import make_cfg, make_qkv  # noqa: E402
 from test_hf import LONG, MAX_POS, SHORT, _generate, _ids, make_model  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_path_quiet")
+
 TOL = 1e-5
 PACKAGE_DIR = os.path.dirname(longrope_triton.__file__)
 KERNELS_DIR = os.path.realpath(os.path.join(PACKAGE_DIR, "kernels"))
-
-
-@pytest.fixture(autouse=True)
-def _torch_path_and_quiet(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        yield
 
 
 def _graphs_compiled() -> int:
@@ -207,6 +199,27 @@ def test_no_graph_breaks(case, llama, phi3):
         explanation = torch._dynamo.explain(model)(**kwargs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_the_other_families_compile_whole(family):
+    """Every family of the table is as compile-friendly as Llama: Mistral (window from the config) and
+    Qwen2 (per-layer window, q/k/v biases) trace whole with no graph break, one fullgraph dynamic
+    program for both regimes, equal to eager (aot_eager: the tracing is what differs per family)."""
+    torch.manual_seed(0)
+    model = patch_model(make_model(family))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=Compilations("aot_eager"))
+    for seq in (SHORT, LONG):
+        ids, positions = _plain(seq)
+        ours, eager = _logits(compiled, ids, positions), _logits(model, ids, positions)
+        assert (ours - eager).abs().max() <= TOL, f"{family} S{seq}: {(ours - eager).abs().max():.2e}"
+    assert 1 <= _graphs_compiled() <= 2
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(input_ids=_ids(2, LONG), use_cache=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 # ---------------------------------------------------------------------------- no host read

@@ -16,13 +16,13 @@ continuous batching mixing regimes, which is what the others guard against.
 
 import inspect
 import time
-import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
+pytestmark = [pytest.mark.hf,  # also run with the oldest supported transformers
+              pytest.mark.usefixtures("torch_path_quiet")]
 
 from conftest import INTERPRETED  # noqa: E402
 from transformers.generation.continuous_batching import input_outputs  # noqa: E402
@@ -36,16 +36,6 @@ NEW = 12
 # (prompt length, seed): short all along; long from its prompt; crossing while decoding (58 + 12);
 # the boundary pair original_max - 1 and original_max (both cross at their first decoded token).
 MIX = [(20, 1), (100, 2), (58, 3), (ORIG - 1, 4), (ORIG, 5)]
-
-
-@pytest.fixture(autouse=True)
-def _torch_path_and_quiet(monkeypatch):
-    """Default: the PyTorch path. transformers' deprecation and CB chatter is not what these tests check."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        yield
 
 
 def make_model(family, max_pos=MAX_POS):

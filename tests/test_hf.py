@@ -16,13 +16,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
+pytestmark = [pytest.mark.hf,  # also run with the oldest supported transformers
+              pytest.mark.usefixtures("torch_path_quiet")]
 
 import longrope_triton.hf as hf  # noqa: E402
 import longrope_triton.hf.forward as hf_forward  # noqa: E402
@@ -32,16 +32,6 @@ ORIG, MAX_POS, HEAD_DIM = 32, 128, 16
 SHORT, LONG = 20, 48  # sequence lengths below / above ORIG
 TOL = 1e-4
 FAMILIES = ["llama", "mistral", "qwen2", "phi3"]
-
-
-@pytest.fixture(autouse=True)
-def _torch_path_and_quiet(monkeypatch):
-    """Default: the PyTorch path. transformers' deprecation chatter is not what these tests check."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        yield
 
 
 @pytest.fixture
