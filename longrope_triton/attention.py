@@ -288,7 +288,21 @@ _TILES = {
 # Where the pointer load path (no TMA) takes its own list. dK/dV at head_dim 80-128: M64 N64 w4
 # computes each Q and dO tile's addresses over half the threads (8 loads each, twice the address
 # registers of w8) and reloads values from local memory in its loops, so pointers keep one tile.
-_POINTER_TILES = {"dkdv": {256: [(64, 128, 8, 2)]}}
+_POINTER_TILES = {"dkdv": {256: [(64, 128, 8, 2)]}, "dq": {}}
+# Row classes whose loops never load through TMA, per kernel.
+_NO_TMA = {"dkdv": set()}
+
+# The lists above are chosen and budgeted on the Triton of the test extra (3.9). Earlier releases
+# (3.6, the floor and the GPU machine's; 3.7 and 3.8 are assumed to behave like it) compile two of
+# them into local memory in the sm_90 compile, so there the launcher takes what compiles clean
+# with 3.6 (CI holds those to the same resource rules with the oldest Triton; docs/kernels.md):
+# - dK/dV at head_dim 80-128 on TMA reloads values from local memory inside its loop (M64 N128 w8:
+#   11 local loads/stores; the TMA tiles that compile clean, M32 N128 and M64 N64 w8, issue 1.4-1.6x
+#   the instructions of the pointer tile, which compiles clean): that row class loads through pointers;
+# - dQ at head_dim 256 on pointers (M64 N32 w4) spills 120 B/thread; M64 N64 w8 spills none.
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+    _POINTER_TILES["dq"] = {512: [(64, 64, 8, 2)]}
+    _NO_TMA["dkdv"] = {256}
 
 
 def row_class(block_d: int, element_size: int) -> int:
@@ -329,7 +343,8 @@ def _autotuned(kernel, tiles, descriptors, pointer_tiles=None):
 _fwd_tuned = _autotuned(attention_fwd_kernel, _TILES["fwd"], {"p_k": "BLOCK_N", "p_v": "BLOCK_N"})
 _dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _TILES["dkdv"], {"p_q": "BLOCK_M", "p_do": "BLOCK_M"},
                          _POINTER_TILES["dkdv"])
-_dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"], {"p_k": "BLOCK_N", "p_v": "BLOCK_N"})
+_dq_tuned = _autotuned(attention_bwd_dq_kernel, _TILES["dq"], {"p_k": "BLOCK_N", "p_v": "BLOCK_N"},
+                       _POINTER_TILES["dq"])
 # The interpreter cannot time configs: it runs one fixed tile, small enough to exercise edges.
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
@@ -396,12 +411,15 @@ def _range_args(lo, hi):
     return lo, hi, lo.stride(0) if lo.shape[0] > 1 else 0
 
 
-def _loop_operands(*tensors):
+def _loop_operands(*tensors, kernel=None):
     """(operands, use_tma): what the kernel's loops load from. TensorDescriptors (TMA) when the device
-    has TMA and every tensor's layout allows it (_dispatch.descriptor), else the tensors themselves."""
-    descs = [_dispatch.descriptor(t) for t in tensors]
-    if all(d is not None for d in descs):
-        return descs, True
+    has TMA, every tensor's layout allows it (_dispatch.descriptor) and the kernel's row class loads
+    through TMA (_NO_TMA), else the tensors themselves."""
+    first = tensors[0]
+    if row_class(_block_d(first.shape[-1]), first.element_size()) not in _NO_TMA.get(kernel, ()):
+        descs = [_dispatch.descriptor(t) for t in tensors]
+        if all(d is not None for d in descs):
+            return descs, True
     return list(tensors), False
 
 
@@ -471,11 +489,13 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
     batch, n_hq, sq, head_dim = q_rot.shape
     sk = k_rot.shape[2]
     # Each row's (lse, delta = rowsum(dO O)) pair, interleaved: the dK/dV loop loads both at once.
+    # 4,096 elements of O and of dO a program (32 a thread): 64 a thread spill 8 B in Triton 3.6's compile.
     ld = torch.empty((batch, n_hq, sq, 2), dtype=torch.float32, device=q_rot.device)
+    block_m = min(64, 4096 // _block_d(head_dim))
     _dispatch.launch("attention backward preprocess", attention_bwd_preprocess_kernel,
-                     (triton.cdiv(sq, 64), batch, n_hq), (out, grad_out, lse, ld, sq, head_dim, *out.stride(),
-                                                          *grad_out.stride(), *lse.stride()),
-                     dict(BLOCK_M=64, BLOCK_DV=_block_d(head_dim)))
+                     (triton.cdiv(sq, block_m), batch, n_hq), (out, grad_out, lse, ld, sq, head_dim, *out.stride(),
+                                                               *grad_out.stride(), *lse.stride()),
+                     dict(BLOCK_M=block_m, BLOCK_DV=_block_d(head_dim)))
     dq, dq_acc = _gradient_buffer(q_rot)
     dk, dk_acc = _gradient_buffer(k_rot)
     dv = torch.empty_like(v)
@@ -484,7 +504,7 @@ def attention_backward(grad_out, q_rot, k_rot, v, out, lse, grad_k_rot, cfg, pla
     strides = (*q_rot.stride(), *keys.stride(), *v.stride(), *grad_out.stride())
     # dk is the gradient of the keys the kernel read (-k for a negative scale): the signed scale
     # restores it; dq's multiplier is |scale| either way (see _scales).
-    (q_in, do_in), use_tma = _loop_operands(q_rot, grad_out)
+    (q_in, do_in), use_tma = _loop_operands(q_rot, grad_out, kernel="dkdv")
     p_lo, p_hi, stride_rb = _range_args(*_key_ranges(plan, causal, sq, sk, q_rot.device))
     _launch("attention backward dK/dV", attention_bwd_dkdv_kernel, _dkdv_tuned,
             lambda m: (triton.cdiv(sk, m["BLOCK_N"]), batch, k_rot.shape[1]),

@@ -229,6 +229,10 @@ SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum)
 BUDGET = {("attention forward", 64): 1.16, ("attention forward", 128): 0.70,
           ("attention backward dK/dV", 64): 0.65, ("attention backward dK/dV", 128): 0.40,
           ("attention backward dQ", 64): 0.66, ("attention backward dQ", 128): 0.41}
+# The Triton release the tile lists were chosen and the budget checked on (setup.py's test extra pins
+# it): the instruction counts move with the compiler, so other releases are reported against the
+# budget, held only to the resource rules (problems).
+BUDGET_TRITON = (3, 9)
 OTHER_CONFIGS = 1.25  # listed configs besides the pinned (first) and the best one: within 1.25x of the budget
 SPILL_ALLOWANCE = 256  # B/thread for the budgeted variants, never inside a loop; every other variant: none
 

@@ -332,6 +332,27 @@ def test_gradient_kernels_write_fp32_whether_or_not_keys_are_rotated(monkeypatch
     assert stores[True]["attention backward dQ"] == stores[False]["attention backward dQ"] == {"p_dq": torch.float32}
 
 
+@pytest.mark.parametrize("head_dim,dkdv_tma", [(64, True), (128, False), (256, True)])
+def test_a_row_class_without_tma_loads_dkdv_through_pointers(monkeypatch, head_dim, dkdv_tma):
+    """Where a Triton release compiles a row class's TMA tiles into local memory (``_NO_TMA``: dK/dV at
+    head_dim 80-128 before Triton 3.9), that kernel alone takes its pointer loads there; every other
+    launch keeps TMA. Recorded, not run (the pointer path's parity is tested with ``loads``)."""
+    from longrope_triton import _dispatch, attention
+    monkeypatch.setitem(attention._NO_TMA, "dkdv", {256})
+    monkeypatch.setattr(_dispatch, "tma_enabled", lambda device: True)
+    use_tma = {}
+    monkeypatch.setattr(_dispatch, "launch", lambda name, kernel, grid, args, meta, **kw: use_tma.update(
+        {name: meta.get("USE_TMA")}))
+    cfg = make_cfg(original=32, head_dim=head_dim)
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 40, 40, head_dim, torch.float16))
+    plan = attention._Plan(cfg, q, k, None, None, None, None, None)
+    out, lse, q_rot, k_rot = attention.attention_forward(q, k, v, cfg, plan, True, 0.125, True, True)
+    attention.attention_backward(torch.zeros_like(out), q_rot, k_rot, v, out, lse, None, cfg, plan, True, 0.125,
+                                 True, True)
+    assert use_tma["attention backward dK/dV"] is dkdv_tma
+    assert use_tma["attention forward"] is use_tma["attention backward dQ"] is True
+
+
 @pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])
 def test_nonpositive_softmax_scale(loads, scale):
     """The kernels take the row max before scaling; a negative scale runs as the positive one on -k."""

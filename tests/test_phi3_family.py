@@ -23,12 +23,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.hf  # also run with the oldest supported transformers
+pytestmark = [pytest.mark.hf,  # also run with the oldest supported transformers
+              pytest.mark.usefixtures("torch_path_quiet")]
 from transformers import Phi3Config, Phi3ForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import _compute_longrope_parameters  # noqa: E402
 
 from longrope_triton import LongRoPEConfig, patch_model, unpatch_model  # noqa: E402
-from test_hf import _generate, _recompute_logits, _torch_path_and_quiet, fused_calls  # noqa: E402,F401
+from test_hf import _generate, _recompute_logits, fused_calls  # noqa: E402,F401
 
 PUBLISHED = json.loads((pathlib.Path(__file__).parent / "data" / "phi3_family_rope.json").read_text())["models"]
 NAMES = sorted(PUBLISHED)
