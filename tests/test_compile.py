@@ -20,24 +20,26 @@ inductor fuses the model's own arithmetic differently, our op runs the same code
   (the re-prefill is decided in prepare_inputs_for_generation, outside the compiled forward);
 - bad positions still raise in eager mode; compiled, they fail a device assert.
 
+Patched models trace whole from the oldest supported transformers (5.5): their rotary embeddings
+compute no tables, so the stock longrope embedding's host-side code is not in the graph (it breaks
+stock graphs before 5.25, and PhiMoE's on every release). The model-level compile, export, graph-break
+and static-cache generation tests are ``hf``-marked: they run on transformers 5.5 too.
+
 The PyTorch path runs by default (our op is opaque to the compiler, so which implementation runs
 inside it changes nothing about tracing); the no-read check also runs on the Triton kernel in
 the interpreter. CPU inductor compiles C++ (tens of seconds per graph on 2 cores), so every
 compiled model here is built once per module.
 """
 
+import copy
 import os
 import traceback
 
 import pytest
 import torch
-from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
-if Version(transformers.__version__) < Version("5.25"):
-    pytest.skip("transformers' own longrope rotary embedding branches on a tensor value before 5.25 (the tested "
-                "release): stock and patched models alike break the graph there", allow_module_level=True)
 
 import longrope_triton  # noqa: E402
 import longrope_triton.attention as attention  # noqa: E402
@@ -115,6 +117,7 @@ def _logits(model, ids, positions=None):
 
 
 # ---------------------------------------------------------------------------- torch.compile
+@pytest.mark.hf  # also run with the oldest supported transformers
 def test_llama_and_packed_batch_compile_whole_in_both_regimes(llama):
     """One fullgraph, dynamic graph for a short batch, a long batch and a packed batch with
     documents on both sides of the switch (the regimes are device tensors, not guards)."""
@@ -128,6 +131,7 @@ def test_llama_and_packed_batch_compile_whole_in_both_regimes(llama):
     assert 1 <= _graphs_compiled() <= 2, f"{_graphs_compiled()} compilations for lengths on both sides of the switch"
 
 
+@pytest.mark.hf  # also run with the oldest supported transformers
 def test_phi3_partial_rotary_compiles_whole_in_both_regimes(phi3):
     """model(ids) as users call it (no position_ids): short and long lengths, one graph."""
     torch._dynamo.reset()
@@ -141,6 +145,7 @@ def test_phi3_partial_rotary_compiles_whole_in_both_regimes(phi3):
 
 
 # ---------------------------------------------------------------------------- torch.export
+@pytest.mark.hf  # also run with the oldest supported transformers
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_export_one_program_serves_both_regimes(family, llama, phi3):
     """torch.export of a forward (use_cache=False) with dynamic batch and length: the same program
@@ -184,6 +189,7 @@ def _decode_step_inputs(model):
             longrope_triton.hf.cache_argument(): cache}
 
 
+@pytest.mark.hf  # also run with the oldest supported transformers
 @pytest.mark.parametrize("case", ["short", "long", "packed", "phi3", "static-cache-decode"])
 def test_no_graph_breaks(case, llama, phi3):
     model = phi3 if case == "phi3" else llama
@@ -220,6 +226,32 @@ def test_the_other_families_compile_whole(family):
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(input_ids=_ids(2, LONG), use_cache=False)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.hf  # also run with the oldest supported transformers
+def test_phimoe_compiles_whole_where_stock_breaks():
+    """PhiMoE's stock rotary embedding picks its per-regime attention factor with a host branch on the
+    sequence length (graph breaks, no fullgraph); the patched model computes no position tables, so it
+    traces whole: one fullgraph dynamic program for both regimes, equal to eager."""
+    from test_hf import _per_regime_rope, _phimoe
+
+    torch.manual_seed(0)
+    stock = _phimoe(_per_regime_rope(attention_factor=1.3))
+    model = patch_model(copy.deepcopy(stock))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=Compilations("aot_eager"))
+    for seq in (SHORT, LONG):
+        ids, positions = _plain(seq)
+        ours, eager = _logits(compiled, ids, positions), _logits(model, ids, positions)
+        assert (ours - eager).abs().max() <= TOL, f"S{seq}: {(ours - eager).abs().max():.2e}"
+    assert 1 <= _graphs_compiled() <= 2
+    breaks = {}
+    for name, m in (("patched", model), ("stock", stock)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            breaks[name] = torch._dynamo.explain(m)(input_ids=_ids(2, LONG), use_cache=False).graph_break_count
+    assert breaks["patched"] == 0 and breaks["stock"] > 0, breaks
 
 
 # ---------------------------------------------------------------------------- no host read
@@ -359,6 +391,7 @@ def test_compiled_training_step_equals_eager():
 
 
 # ---------------------------------------------------------------------------- generation
+@pytest.mark.hf  # also run with the oldest supported transformers
 def test_static_cache_generation_with_a_compiled_forward_crosses_the_switch():
     """generate() with a StaticCache and ``model.forward = torch.compile(..., fullgraph=True)``: from
     24 to 40 tokens, across the switch at 32, the same tokens and per-step logits as eager; the

@@ -355,6 +355,29 @@ def test_set_rope_updates_a_patched_model():
     assert model._longrope_patch.cfg is cfg
 
 
+def test_a_patched_model_computes_no_position_tables():
+    """The patched attention rotates from its LongRoPEConfig, so the model's rotary embedding returns empty
+    tables while patched (no O(seq x dim) cos/sin per forward), also once set_rope has rebuilt it; the
+    patched model still equals stock, and unpatch_model gives the real tables back."""
+    model = make_model("phi3")
+    x, positions = torch.zeros(2, LONG, 8), torch.arange(LONG).expand(2, LONG)
+    stock_cos, stock_sin = model.model.rotary_emb(x, positions)
+    patch_model(model)
+    assert [t.shape for t in model.model.rotary_emb(x, positions)] == [(2, LONG, 0)] * 2
+    cfg = LongRoPEConfig.from_hf(model.config)
+    set_rope(model, cfg.replace(long_factor=[f * 1.5 for f in cfg.long_factor]))
+    assert [t.shape for t in model.model.rotary_emb(x, positions)] == [(2, LONG, 0)] * 2
+    ids = _ids(2, LONG)
+    with torch.no_grad():
+        patched = model(ids, use_cache=False).logits
+        unpatch_model(model)
+        stock = model(ids, use_cache=False).logits
+    assert (patched - stock).abs().max() <= TOL
+    cos, sin = model.model.rotary_emb(x, positions)
+    assert cos.shape == stock_cos.shape and not torch.equal(sin, stock_sin)  # the new long factors
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_unpatch_restores_the_model(fused_calls):
     model = make_model("llama")
     ids = _ids(1, LONG)

@@ -1,7 +1,8 @@
 """patch_model, unpatch_model, set_rope: the patch itself and its state on the model instance.
 
 patch_model replaces the ``forward`` of every attention module of an existing model instance
-(forward.py), hooks the base model to share per-forward decisions with its layers, and wraps
+(forward.py) and of its rotary embeddings (whose cos/sin tables nothing reads any more), hooks
+the base model to share per-forward decisions with its layers, and wraps
 ``prepare_inputs_for_generation`` with the cache policy at the short/long switch
 (generation.py). Everything is undone by unpatch_model.
 """
@@ -83,25 +84,33 @@ def _shard_inputs(group, args, kwargs) -> None:
                          "sequences and offsets are not supported")
 
 
-def _initialize_lazy_rotary(model: torch.nn.Module) -> None:
-    """Run each 'longrope' rotary embedding of the model once, at position 0.
+def _rotary_embeddings(model: torch.nn.Module) -> list:
+    """Every rotary embedding module of the model (transformers names their classes *RotaryEmbedding)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
 
-    transformers computes a longrope rotary embedding's long inverse frequencies lazily, on its
-    first forward, in code dynamo cannot trace (it writes the model config); the patched model
-    still runs the stock rotary embedding (its cos/sin are ignored), so without this a fresh
-    model would not compile with fullgraph=True before one eager forward. At position 0 the
-    embedding keeps its short frequencies: nothing changes but that cache."""
-    for module in model.modules():
-        if not type(module).__name__.endswith("RotaryEmbedding") or getattr(module, "rope_type", None) != "longrope":
+
+def _no_position_tables(self, x, position_ids, *args, **kwargs):
+    """A patched model's rotary embedding forward: empty (batch, seq, 0) cos/sin. The patched attention
+    rotates q and k from its LongRoPEConfig and never reads these tables."""
+    empty = x.new_empty((*position_ids.shape, 0))
+    return empty, empty
+
+
+def _skip_rotary_embeddings(model: torch.nn.Module, state: "_PatchState") -> None:
+    """Stop the model's rotary embeddings from computing the cos/sin that no patched attention reads.
+
+    Stock, they build an O(seq x rotary_dim) float32 table pair on every forward (2 GB at 2M
+    tokens and head_dim 128) and, for longrope, branch on the sequence length on the host
+    (PhiMoE's per-regime attention factor is a graph break), or write the model config on their
+    first call (the lazily computed long inverse frequencies), which dynamo cannot trace.
+    unpatch_model restores them; set_rope rebuilds them and calls this again."""
+    for module in _rotary_embeddings(model):
+        if "_longrope_state" in module.__dict__:
             continue
-        buffer = getattr(module, "inv_freq", None)
-        device = buffer.device if isinstance(buffer, torch.Tensor) else torch.device("cpu")
-        try:
-            with torch.no_grad():
-                module(torch.zeros(1, dtype=torch.float32, device=device),
-                       torch.zeros(1, 1, dtype=torch.long, device=device))
-        except Exception:  # noqa: BLE001 - another signature: the model's first forward does it instead
-            pass
+        attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"  # accelerate's hooks
+        state.modules.append((module, attr, module.__dict__.get(attr, _MISSING)))
+        module._longrope_state = state
+        setattr(module, attr, types.MethodType(_no_position_tables, module))
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -162,7 +171,7 @@ def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str =
         state.modules.append((module, attr, module.__dict__.get(attr, _MISSING)))
         module._longrope_state = state
         setattr(module, attr, types.MethodType(patched_forward, module))
-    _initialize_lazy_rotary(model)
+    _skip_rotary_embeddings(model, state)
     base = _base_model(model)
     state.hooks.append(base.register_forward_pre_hook(functools.partial(_pre_hook, state), with_kwargs=True))
     if callable(getattr(model, "prepare_inputs_for_generation", None)):
@@ -238,6 +247,9 @@ def set_rope(model, cfg: LongRoPEConfig):
     state: Optional[_PatchState] = getattr(model, _STATE_ATTR, None)
     if state is not None:
         state.cfg = cfg
+        live = set(map(id, model.modules()))
+        state.modules = [entry for entry in state.modules if id(entry[0]) in live]  # drop the replaced embeddings
+        _skip_rotary_embeddings(model, state)
     return model
 
 
