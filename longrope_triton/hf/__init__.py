@@ -5,7 +5,7 @@ writes the rotated k into the cache, then calls an attention function. To fuse t
 into the attention kernel, :func:`patch_model` replaces the ``forward`` of every attention
 module of an existing model instance: raw q/k go into :func:`fused_rope_attention`, and the
 keys stored in the KV cache are the rotated ones (rotated once, O(N d)). The model's own
-rotary embedding still runs (it is cheap) but its cos/sin are ignored.
+rotary embeddings return empty tables while it is patched: nothing reads their cos/sin.
 
 One module per concern:
 
