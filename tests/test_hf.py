@@ -12,6 +12,7 @@ is slow); the ``path`` fixture (conftest.py) also runs a few on the Triton kerne
 TRITON_INTERPRET=1.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -358,12 +359,15 @@ def test_set_rope_updates_a_patched_model():
 def test_a_patched_model_computes_no_position_tables():
     """The patched attention rotates from its LongRoPEConfig, so the model's rotary embedding returns empty
     tables while patched (no O(seq x dim) cos/sin per forward), also once set_rope has rebuilt it; the
-    patched model still equals stock, and unpatch_model gives the real tables back."""
+    patched model still equals stock, and unpatch_model gives the real tables back. A rotary embedding
+    of another config (another tower's, e.g. a vision encoder's) keeps computing its tables."""
     model = make_model("phi3")
+    model.other_tower_rotary = type(model.model.rotary_emb)(config=copy.deepcopy(model.config))
     x, positions = torch.zeros(2, LONG, 8), torch.arange(LONG).expand(2, LONG)
     stock_cos, stock_sin = model.model.rotary_emb(x, positions)
     patch_model(model)
     assert [t.shape for t in model.model.rotary_emb(x, positions)] == [(2, LONG, 0)] * 2
+    assert torch.equal(model.other_tower_rotary(x, positions)[0], stock_cos)
     cfg = LongRoPEConfig.from_hf(model.config)
     set_rope(model, cfg.replace(long_factor=[f * 1.5 for f in cfg.long_factor]))
     assert [t.shape for t in model.model.rotary_emb(x, positions)] == [(2, LONG, 0)] * 2

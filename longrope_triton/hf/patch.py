@@ -84,11 +84,6 @@ def _shard_inputs(group, args, kwargs) -> None:
                          "sequences and offsets are not supported")
 
 
-def _rotary_embeddings(model: torch.nn.Module) -> list:
-    """Every rotary embedding module of the model (transformers names their classes *RotaryEmbedding)."""
-    return [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
-
-
 def _no_position_tables(self, x, position_ids, *args, **kwargs):
     """A patched model's rotary embedding forward: empty (batch, seq, 0) cos/sin. The patched attention
     rotates q and k from its LongRoPEConfig and never reads these tables."""
@@ -96,16 +91,21 @@ def _no_position_tables(self, x, position_ids, *args, **kwargs):
     return empty, empty
 
 
-def _skip_rotary_embeddings(model: torch.nn.Module, state: "_PatchState") -> None:
-    """Stop the model's rotary embeddings from computing the cos/sin that no patched attention reads.
+def _skip_rotary_embeddings(model: torch.nn.Module, state: "_PatchState", attention: list) -> None:
+    """Stop the rotary embeddings that feed the patched ``attention`` modules from computing cos/sin.
 
     Stock, they build an O(seq x rotary_dim) float32 table pair on every forward (2 GB at 2M
     tokens and head_dim 128) and, for longrope, branch on the sequence length on the host
     (PhiMoE's per-regime attention factor is a graph break), or write the model config on their
     first call (the lazily computed long inverse frequencies), which dynamo cannot trace.
+    Which embeddings: those built from the same config object as the patched attention modules
+    (transformers gives a decoder stack's rotary embedding and its attention modules one config),
+    so another tower's rotary embedding (a vision encoder's) keeps running.
     unpatch_model restores them; set_rope rebuilds them and calls this again."""
-    for module in _rotary_embeddings(model):
-        if "_longrope_state" in module.__dict__:
+    configs = {id(module.config) for _, module in attention if getattr(module, "config", None) is not None}
+    for module in model.modules():
+        if (not type(module).__name__.endswith("RotaryEmbedding") or "_longrope_state" in module.__dict__
+                or id(getattr(module, "config", None)) not in configs):
             continue
         attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"  # accelerate's hooks
         state.modules.append((module, attr, module.__dict__.get(attr, _MISSING)))
@@ -171,7 +171,7 @@ def patch_model(model, config: Optional[LongRoPEConfig] = None, *, regime: str =
         state.modules.append((module, attr, module.__dict__.get(attr, _MISSING)))
         module._longrope_state = state
         setattr(module, attr, types.MethodType(patched_forward, module))
-    _skip_rotary_embeddings(model, state)
+    _skip_rotary_embeddings(model, state, modules)
     base = _base_model(model)
     state.hooks.append(base.register_forward_pre_hook(functools.partial(_pre_hook, state), with_kwargs=True))
     if callable(getattr(model, "prepare_inputs_for_generation", None)):
@@ -249,7 +249,7 @@ def set_rope(model, cfg: LongRoPEConfig):
         state.cfg = cfg
         live = set(map(id, model.modules()))
         state.modules = [entry for entry in state.modules if id(entry[0]) in live]  # drop the replaced embeddings
-        _skip_rotary_embeddings(model, state)
+        _skip_rotary_embeddings(model, state, modules)
     return model
 
 
