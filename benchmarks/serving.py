@@ -42,7 +42,9 @@ PROMPTS = [20, 100, 40, 120, 60, 30, 90, 50] * 2
 NEW_TOKENS = 32
 
 
-def tiny_longrope_llama():
+def tiny_longrope_llama(max_pos: int = MAX_POS, new_tokens: int = NEW_TOKENS):
+    """A tiny longrope Llama (head_dim 16, original_max 64), sdpa, no EOS, greedy; weights scaled so
+    that the two regimes pick different tokens. tests/test_continuous_batching.py runs it too."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -50,13 +52,13 @@ def tiny_longrope_llama():
                 long_factor=[1.0 + 3 * i for i in range(8)], original_max_position_embeddings=ORIG)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                         max_position_embeddings=MAX_POS, rope_parameters=rope, bos_token_id=None,
+                                         max_position_embeddings=max_pos, rope_parameters=rope, bos_token_id=None,
                                          eos_token_id=None, pad_token_id=0, attn_implementation="sdpa"))
     with torch.no_grad():  # larger weights: the regimes then pick different tokens
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(3.0)
-    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None,
                                                pad_token_id=0)
     return model.eval()
 

@@ -198,30 +198,27 @@ def check_default_positions(end: int, cfg_max: int) -> None:
         raise ValueError(f"sequence reaches position {end - 1}, past max_position_embeddings ({cfg_max}) of the config")
 
 
+def _require(t: torch.Tensor, ok, message: str, detail: str = "") -> None:
+    """Check the condition ``ok(t)`` (a 0-d bool tensor) in the mode of ``t``: a device assert saying
+    ``message``, or a ValueError saying ``message`` + ``detail`` after one read. ``detail`` is left out
+    of the assert: a shape in it would specialize a dynamic-shape graph."""
+    mode = value_checks(t)
+    if mode == "assert":
+        torch._assert_async(ok(t), f"longrope_triton: {message}")
+    elif mode == "raise" and not _host_values(ok(t))[0]:
+        raise ValueError(message + detail)
+
+
 def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int) -> None:
     """cu starts at 0, never decreases and ends at the packed length."""
-    mode = value_checks(cu)
-    if mode == "off":
-        return
-    ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
-    if mode == "assert":  # no shape in the message: under dynamic shapes it would specialize the graph
-        torch._assert_async(ok, f"longrope_triton: {name} must start at 0, be non-decreasing and end at the "
-                                f"packed length")
-    elif not _host_values(ok)[0]:
-        raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed length {total}")
+    _require(cu, lambda c: (c[0] == 0) & (c[-1] == total) & (c[1:] >= c[:-1]).all(),
+             f"{name} must start at 0, be non-decreasing and end at the packed length", f" {total}")
 
 
 def check_packed_lengths(cu_q: torch.Tensor, cu_k: torch.Tensor) -> None:
     """Every packed sequence has at least as many keys as queries."""
-    mode = value_checks(cu_q)
-    if mode == "off":
-        return
-    ok = ((cu_q[1:] - cu_q[:-1]) <= (cu_k[1:] - cu_k[:-1])).all()
-    message = "every packed sequence needs at least as many keys as queries"
-    if mode == "assert":
-        torch._assert_async(ok, f"longrope_triton: {message}")
-    elif not _host_values(ok)[0]:
-        raise ValueError(message)
+    _require(cu_q, lambda c: ((c[1:] - c[:-1]) <= (cu_k[1:] - cu_k[:-1])).all(),
+             "every packed sequence needs at least as many keys as queries")
 
 
 def check_seqused_k_values(seqused_k: torch.Tensor, low: int, high: int, why: str) -> None:

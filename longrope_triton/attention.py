@@ -149,32 +149,60 @@ class _Plan:
         self.shared_positions = same and position_ids is kv_position_ids
 
 
-# ---------------------------------------------------------------------------- PyTorch path
-def _key_bounds(plan: _Plan, causal: bool, sq: int, sk: int, device):
-    """(lo, hi) int64 (B or 1, Sq): query row i of batch row b attends the keys [lo, hi): those of
-    its packed sequence, or the first seqused_k[b]; under causal only up to its bottom-right
-    aligned diagonal (query i of a sequence sees keys j <= i + len_k - len_q). Device tensors."""
-    rows = torch.arange(sq, device=device)
+# ---------------------------------------------------------------------------- row ranges
+# Which keys each query row sees and which query rows see each key: what the kernels loop over and
+# what the PyTorch path masks with.
+def _query_ranges(plan, causal, sq, sk, device):
+    """(lo, hi), int32 (B or 1, Sq): the keys [lo, hi) each query row sees: its packed sequence's keys
+    (all keys when not packed, the first seqused_k[b] of batch row b of a static cache), under causal
+    only the first (Sk_b - Sq_b) + i + 1 of them for its query i (bottom-right aligned). One row that
+    every batch row shares, or one per batch row with seqused_k. Non-decreasing along the rows, which
+    the kernels rely on. Device ops on the plan's bounds, never a host read: grids and sizes come from
+    tensor shapes only."""
+    rows = torch.arange(sq, device=device)[None]
     if plan.varlen:
-        seq = plan.seq_q
-        lo, hi, end = (plan.cu_k[seq][None].to(torch.int64), plan.cu_k[seq + 1][None].to(torch.int64),
-                       plan.cu_q[seq + 1].to(torch.int64))
+        lo, hi, end = plan.cu_k[plan.seq_q][None], plan.cu_k[plan.seq_q + 1][None], plan.cu_q[plan.seq_q + 1][None]
     else:
-        lo = torch.zeros(1, sq, dtype=torch.int64, device=device)
-        used = plan.seqused_k.to(torch.int64)[:, None]
-        hi, end = used.expand(-1, sq), sq
+        used = plan.seqused_k
+        lo, end = torch.zeros_like(rows), sq
+        hi = torch.full_like(rows, sk) if used is None else used[:, None].expand(-1, sq)
     if causal:
         hi = torch.maximum(hi + (rows + 1 - end), lo)
-    return lo, hi
+    return _range_pair(lo, hi)
 
 
+def _key_ranges(plan, causal, sq, sk, device):
+    """(lo, hi), int32 (B or 1, Sk): the query rows [lo, hi) that see each key (the transpose of
+    _query_ranges; a static cache's keys past seqused_k[b] are seen by none: lo = hi),
+    non-decreasing along the keys."""
+    keys = torch.arange(sk, device=device)[None]
+    if plan.varlen:
+        lo, hi, end = plan.cu_q[plan.seq_k][None], plan.cu_q[plan.seq_k + 1][None], plan.cu_k[plan.seq_k + 1][None]
+    else:
+        used = plan.seqused_k
+        lo, hi = torch.zeros_like(keys), torch.full_like(keys, sq)
+        end = sk if used is None else used[:, None].to(keys.dtype)
+        if used is not None and not causal:  # (causal: the clamp below empties them)
+            lo = torch.where(keys < end, lo, hi)
+    if causal:
+        lo = torch.minimum(torch.maximum(hi + (keys - end), lo), hi)
+    return _range_pair(lo, hi)
+
+
+def _range_pair(lo, hi):
+    """lo and hi as contiguous int32 arrays of one shape, (1, S) or (B, S)."""
+    lo, hi = torch.broadcast_tensors(lo, hi)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+# ---------------------------------------------------------------------------- PyTorch path
 def _torch_sdpa(q, k, v, plan: _Plan, causal: bool, scale: float) -> torch.Tensor:
     """softmax attention with GQA, bottom-right causal, chunked over queries (memory ~chunk x Sk).
     Packed sequences and a static cache's key counts are masks built on the device."""
     sq, sk = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if plan.varlen or plan.seqused_k is not None:
-        lo, hi = _key_bounds(plan, causal, sq, sk, q.device)
+        lo, hi = _query_ranges(plan, causal, sq, sk, q.device)
         # Causal self-attention over one index axis (packed sequences sharing their bounds): a row
         # never sees a key past itself, so a chunk's keys end where the chunk does.
         aligned = causal and plan.varlen and plan.cu_k is plan.cu_q
@@ -232,7 +260,7 @@ def torch_attention_backward(grad_out, q_rot, k_rot, v, grad_k_rot, cfg: LongRoP
     dk_rot, dv_rot = torch.zeros_like(kd), torch.zeros_like(vd)
     masked = plan.varlen or plan.seqused_k is not None
     if masked:
-        lo, hi = _key_bounds(plan, causal, sq, sk, q_rot.device)
+        lo, hi = _query_ranges(plan, causal, sq, sk, q_rot.device)
     aligned = causal and (plan.cu_k is plan.cu_q if plan.varlen else (not masked and sq == sk))
     keys = torch.arange(sk, device=q_rot.device)
     rows = max(16, (1 << 24) // max(1, sk * n_hq * batch))
@@ -360,49 +388,6 @@ def _block_d(head_dim: int) -> int:
 def _common_meta(q, use_tma):
     return dict(BLOCK_D=_block_d(q.shape[-1]), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 USE_TMA=use_tma)
-
-
-def _query_ranges(plan, causal, sq, sk, device):
-    """(lo, hi), int32 (B or 1, Sq): the keys [lo, hi) each query row sees: its packed sequence's keys
-    (all keys when not packed, the first seqused_k[b] of batch row b of a static cache), under causal
-    only the first (Sk_b - Sq_b) + i + 1 of them for its query i (bottom-right aligned). One row that
-    every batch row shares, or one per batch row with seqused_k. Non-decreasing along the rows, which
-    the kernels rely on. Device ops on the plan's bounds, never a host read: grids and sizes come from
-    tensor shapes only."""
-    rows = torch.arange(sq, device=device)[None]
-    if plan.varlen:
-        lo, hi, end = plan.cu_k[plan.seq_q][None], plan.cu_k[plan.seq_q + 1][None], plan.cu_q[plan.seq_q + 1][None]
-    else:
-        used = plan.seqused_k
-        lo, end = torch.zeros_like(rows), sq
-        hi = torch.full_like(rows, sk) if used is None else used[:, None].expand(-1, sq)
-    if causal:
-        hi = torch.maximum(hi + (rows + 1 - end), lo)
-    return _range_pair(lo, hi)
-
-
-def _key_ranges(plan, causal, sq, sk, device):
-    """(lo, hi), int32 (B or 1, Sk): the query rows [lo, hi) that see each key (the transpose of
-    _query_ranges; a static cache's keys past seqused_k[b] are seen by none: lo = hi),
-    non-decreasing along the keys."""
-    keys = torch.arange(sk, device=device)[None]
-    if plan.varlen:
-        lo, hi, end = plan.cu_q[plan.seq_k][None], plan.cu_q[plan.seq_k + 1][None], plan.cu_k[plan.seq_k + 1][None]
-    else:
-        used = plan.seqused_k
-        lo, hi = torch.zeros_like(keys), torch.full_like(keys, sq)
-        end = sk if used is None else used[:, None].to(keys.dtype)
-        if used is not None and not causal:  # (causal: the clamp below empties them)
-            lo = torch.where(keys < end, lo, hi)
-    if causal:
-        lo = torch.minimum(torch.maximum(hi + (keys - end), lo), hi)
-    return _range_pair(lo, hi)
-
-
-def _range_pair(lo, hi):
-    """lo and hi as contiguous int32 arrays of one shape, (1, S) or (B, S)."""
-    lo, hi = torch.broadcast_tensors(lo, hi)
-    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
 def _range_args(lo, hi):

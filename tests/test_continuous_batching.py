@@ -25,12 +25,13 @@ pytestmark = [pytest.mark.hf,  # also run with the oldest supported transformers
               pytest.mark.usefixtures("torch_path_quiet")]
 
 from conftest import INTERPRETED  # noqa: E402
+from benchmarks.serving import ORIG, tiny_longrope_llama  # noqa: E402 - the benchmark's tiny Llama
 from transformers.generation.continuous_batching import input_outputs  # noqa: E402
 
 import longrope_triton.hf.continuous as continuous  # noqa: E402
 from longrope_triton import patch_model, unpatch_model  # noqa: E402
 
-ORIG, MAX_POS, VOCAB = 64, 256, 100
+MAX_POS, VOCAB = 256, 100  # original_max_position_embeddings: ORIG (64), the benchmark model's
 TOL = 1e-4
 NEW = 12
 # (prompt length, seed): short all along; long from its prompt; crossing while decoding (58 + 12);
@@ -39,28 +40,22 @@ MIX = [(20, 1), (100, 2), (58, 3), (ORIG - 1, 4), (ORIG, 5)]
 
 
 def make_model(family, max_pos=MAX_POS):
-    """A tiny longrope causal LM, eval mode, sdpa attention (what continuous batching runs), no EOS."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+    """A tiny longrope causal LM, eval mode, sdpa attention (what continuous batching runs), no EOS: the
+    serving benchmark's Llama, or a Phi-3 with partial rotary."""
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
+    if family != "phi3":
+        return tiny_longrope_llama(max_pos=max_pos, new_tokens=NEW)
     torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=max_pos,
-                  bos_token_id=None, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa")
-    if family == "phi3":
-        half = 4  # rotary_dim 8 of head_dim 16
-        rope = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
-                    short_factor=[1.0] * half, long_factor=[1.0 + 4 * i for i in range(half)])
-        model = Phi3ForCausalLM(Phi3Config(**common, rope_parameters=rope, original_max_position_embeddings=ORIG,
-                                           partial_rotary_factor=0.5, sliding_window=None, initializer_range=0.1))
-    else:
-        half = 8
-        rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * half,
-                    long_factor=[1.0 + 3 * i for i in range(half)], original_max_position_embeddings=ORIG)
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope))
-        with torch.no_grad():  # larger weights: the regimes then pick different tokens
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.mul_(3.0)
+    half = 4  # rotary_dim 8 of head_dim 16
+    rope = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                short_factor=[1.0] * half, long_factor=[1.0 + 4 * i for i in range(half)])
+    model = Phi3ForCausalLM(Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                       max_position_embeddings=max_pos, bos_token_id=None, eos_token_id=None,
+                                       pad_token_id=0, attn_implementation="sdpa", rope_parameters=rope,
+                                       original_max_position_embeddings=ORIG, partial_rotary_factor=0.5,
+                                       sliding_window=None, initializer_range=0.1))
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=NEW, eos_token_id=None,
                                                pad_token_id=0)
     return model.eval()
